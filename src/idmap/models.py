@@ -1,0 +1,406 @@
+"""Every residual unit of He et al. 2016, built by one function.
+
+    x_{l+1} = f( h(x_l) + F(x_l) )
+
+A unit is three pieces of data: the *ordering* of BN, ReLU and weight layers (figure 4) decides the
+branch F and the after-addition f; the *shortcut* (figure 2) decides how h(x) and F(x) are combined;
+the *unit type* (basic, bottleneck, 1-layer) decides the weight layers. Any of each composes with
+any of the others.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure 4: where BN and ReLU go. `layer` wraps every weight layer of the branch but the last,
+# `last` wraps the last one, `after_add` is f. Read a basic (two-layer) unit as layer + last:
+#   (a) original          conv bn relu | conv bn        | add | relu
+#   (b) bn_after_add      conv bn relu | conv           | add | bn relu
+#   (c) relu_before_add   conv bn relu | conv bn relu   | add
+#   (d) relu_only_preact  relu conv bn | relu conv bn   | add
+#   (e) full_preact       bn relu conv | bn relu conv   | add
+# --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ordering:
+    layer: tuple[str, ...]
+    last: tuple[str, ...]
+    after_add: tuple[str, ...] = ()
+
+    @property
+    def preact(self) -> tuple[str, ...]:
+        """The activation a pre-activation unit applies before its first weight layer."""
+        return self.layer[: self.layer.index("conv")]
+
+
+ORDERINGS = {
+    "original": Ordering(("conv", "bn", "relu"), ("conv", "bn"), ("relu",)),
+    "bn_after_add": Ordering(("conv", "bn", "relu"), ("conv",), ("bn", "relu")),
+    "relu_before_add": Ordering(("conv", "bn", "relu"), ("conv", "bn", "relu")),
+    "relu_only_preact": Ordering(("relu", "conv", "bn"), ("relu", "conv", "bn")),
+    "full_preact": Ordering(("bn", "relu", "conv"), ("bn", "relu", "conv")),
+}
+
+# Weight layers of each unit type as (kernel, width multiplier); the unit's stride goes on the first
+# layer, as in the official Torch code (resnet-pre-act.lua) for bottlenecks too.
+UNIT_LAYERS = {
+    "basic": ((3, 1), (3, 1)),
+    "bottleneck": ((1, 1), (3, 1), (1, 4)),
+    "single": ((3, 1),),
+}
+EXPANSION = {unit: layers[-1][1] for unit, layers in UNIT_LAYERS.items()}
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BN whose training statistics come from chunks of `bn_batch` images: the paper's batch of 128
+    was split over 2 GPUs, so its BN saw 64 images at a time."""
+
+    def __init__(self, num_features: int, bn_batch: int):
+        super().__init__(num_features)
+        self.bn_batch = bn_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.shape[0] <= self.bn_batch:
+            return super().forward(x)
+        return torch.cat([super(GhostBatchNorm2d, self).forward(c) for c in x.split(self.bn_batch)])
+
+
+def _norm(channels: int, bn_batch: int | None) -> nn.Module:
+    return GhostBatchNorm2d(channels, bn_batch) if bn_batch else nn.BatchNorm2d(channels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Figure 2: how a unit combines its input x with its branch output f. `down` matches x to f's shape
+# in dimension-increasing units (zero padding or a 1x1 projection) and is the identity elsewhere.
+# --------------------------------------------------------------------------------------------------
+class ZeroPad(nn.Module):
+    """Option A of the v1 paper: subsample by the stride, fill the extra channels with zeros."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.extra, self.stride = out_channels - in_channels, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.extra))
+
+
+def _projection(in_ch: int, out_ch: int, stride: int, bn: bool, bn_batch: int | None) -> nn.Module:
+    conv = nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+    return nn.Sequential(conv, _norm(out_ch, bn_batch)) if bn else conv
+
+
+class Identity(nn.Module):
+    def __init__(self, down: nn.Module):
+        super().__init__()
+        self.down = down
+
+    def forward(self, x, f):
+        return self.down(x) + f
+
+
+class ConstantScaling(Identity):
+    def __init__(self, down, shortcut_scale: float, residual_scale: float):
+        super().__init__(down)
+        self.shortcut_scale, self.residual_scale = shortcut_scale, residual_scale
+
+    def forward(self, x, f):
+        return self.shortcut_scale * self.down(x) + self.residual_scale * f
+
+
+class _Gate(nn.Module):
+    """g(x) = sigmoid(W_g x + b_g), W_g a 1x1 convolution of the unit's input."""
+
+    def __init__(self, in_ch, out_ch, stride, gate_bias, gate_bn, bn_batch):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=True)
+        nn.init.constant_(self.conv.bias, gate_bias)
+        self.bn = _norm(out_ch, bn_batch) if gate_bn else nn.Identity()
+
+    def forward(self, x):
+        return torch.sigmoid(self.bn(self.conv(x)))
+
+
+class ExclusiveGating(Identity):
+    def __init__(self, down, gate: _Gate):
+        super().__init__(down)
+        self.gate = gate
+
+    def forward(self, x, f):
+        g = self.gate(x)
+        return (1 - g) * self.down(x) + g * f
+
+
+class ShortcutOnlyGating(ExclusiveGating):
+    def forward(self, x, f):
+        return (1 - self.gate(x)) * self.down(x) + f
+
+
+class Conv1x1(Identity):
+    """A 1x1 convolution on every shortcut: `down` is that convolution, in every unit."""
+
+
+class DropoutShortcut(Identity):
+    def __init__(self, down, dropout_p: float, dropout_rescale: bool):
+        super().__init__(down)
+        self.p, self.rescale = dropout_p, dropout_rescale
+
+    def forward(self, x, f):
+        h = self.down(x)
+        if self.training and self.p > 0:
+            keep = torch.rand_like(h) >= self.p
+            h = h * keep / (1 - self.p) if self.rescale else h * keep
+        elif not self.rescale:
+            h = h * (1 - self.p)  # without train-time rescaling, test time scales by the keep rate
+        return h + f
+
+
+SHORTCUTS = (
+    "identity",
+    "constant_scaling",
+    "exclusive_gating",
+    "shortcut_only_gating",
+    "conv1x1",
+    "dropout",
+)
+
+
+def _make_shortcut(name, in_ch, out_ch, stride, downsample, proj_bn, bn_batch, opts) -> nn.Module:
+    changes_shape = stride != 1 or in_ch != out_ch
+    if name == "conv1x1":
+        return Conv1x1(_projection(in_ch, out_ch, stride, proj_bn, bn_batch))
+    if not changes_shape:
+        down = nn.Identity()
+    elif downsample == "zero_pad":
+        down = ZeroPad(in_ch, out_ch, stride)
+    else:
+        down = _projection(in_ch, out_ch, stride, proj_bn, bn_batch)
+    if name == "identity":
+        return Identity(down)
+    if name == "constant_scaling":
+        return ConstantScaling(down, opts["shortcut_scale"], opts["residual_scale"])
+    if name in ("exclusive_gating", "shortcut_only_gating"):
+        gate = _Gate(in_ch, out_ch, stride, opts["gate_bias"], opts["gate_bn"], bn_batch)
+        return (ExclusiveGating if name == "exclusive_gating" else ShortcutOnlyGating)(down, gate)
+    if name == "dropout":
+        return DropoutShortcut(down, opts["dropout_p"], opts["dropout_rescale"])
+    raise ValueError(f"unknown shortcut {name!r}; choose from {', '.join(SHORTCUTS)}")
+
+
+SHORTCUT_DEFAULTS = dict(
+    shortcut_scale=0.5,
+    residual_scale=0.5,
+    gate_bias=-6.0,
+    gate_bn=False,
+    dropout_p=0.5,
+    dropout_rescale=True,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# The residual unit and the network.
+# --------------------------------------------------------------------------------------------------
+class ResidualUnit(nn.Module):
+    def __init__(self, shared: nn.Module, branch: nn.Module, shortcut: nn.Module, after_add: nn.Module):
+        super().__init__()
+        self.shared, self.branch, self.shortcut, self.after_add = shared, branch, shortcut, after_add
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.shared(x)  # a pre-activation shared by both paths (appendix); identity elsewhere
+        return self.after_add(self.shortcut(x, self.branch(x)))
+
+
+def _ops(tokens: Sequence[str], convs: Sequence[nn.Conv2d], channels: int, bn_batch) -> list[nn.Module]:
+    """Turns an ordering's tokens into modules; a BN normalises whatever the layer before it made."""
+    modules, convs = [], iter(convs)
+    for token in tokens:
+        if token == "conv":
+            conv = next(convs)
+            modules.append(conv)
+            channels = conv.out_channels
+        elif token == "bn":
+            modules.append(_norm(channels, bn_batch))
+        else:
+            modules.append(nn.ReLU(inplace=False))
+    return modules
+
+
+def _unit(ordering, unit, in_ch, width, stride, shortcut, downsample, first, bn_batch, opts):
+    out_ch = width * EXPANSION[unit]
+    convs, ch = [], in_ch
+    for i, (kernel, mult) in enumerate(UNIT_LAYERS[unit]):
+        s = stride if i == 0 else 1
+        convs.append(nn.Conv2d(ch, width * mult, kernel, stride=s, padding=kernel // 2, bias=False))
+        ch = width * mult
+    n = len(convs)
+    tokens = list(ordering.layer) * (n - 1) + list(ordering.last)
+    # Pre-activation units that increase dimensions, and the first unit after conv1, activate once
+    # before the split so the shortcut reads the activated input too (appendix; resnet-pre-act.lua).
+    share = bool(ordering.preact) and (first or stride != 1 or in_ch != out_ch)
+    shared = _ops(ordering.preact, [], in_ch, bn_batch) if share else []
+    if share:
+        tokens = tokens[len(ordering.preact):]
+    return ResidualUnit(
+        nn.Sequential(*shared),
+        nn.Sequential(*_ops(tokens, convs, in_ch, bn_batch)),
+        # In post-activation units BN follows every weight layer, the projection's too (table 1);
+        # in pre-activation units the next unit's BN does that job.
+        _make_shortcut(shortcut, in_ch, out_ch, stride, downsample, not ordering.preact, bn_batch, opts),
+        nn.Sequential(*_ops(ordering.after_add, [], out_ch, bn_batch)),
+    )
+
+
+class ResNet(nn.Module):
+    def __init__(self, stem: nn.Module, units: Sequence[ResidualUnit], head_act: nn.Module,
+                 channels: int, num_classes: int, checkpointing: bool = False):
+        super().__init__()
+        self.stem = stem
+        self.units = nn.ModuleList(units)
+        self.head_act = head_act  # pre-activation nets: the extra BN-ReLU after the last unit
+        self.fc = nn.Linear(channels, num_classes)
+        self.checkpointing = checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for unit in self.units:
+            if self.checkpointing and self.training and x.requires_grad:
+                x = checkpoint(unit, x, use_reentrant=False)
+            else:
+                x = unit(x)
+        x = self.head_act(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Depth rules.
+# --------------------------------------------------------------------------------------------------
+UNITS = tuple(UNIT_LAYERS)
+DEFAULT_WIDTHS = (16, 32, 64)
+
+
+def auto_unit(depth: int, stages: int = 3) -> str:
+    """The paper's choice: bottleneck for ResNet-164 and ResNet-1001 (any 9n+2 depth from 164 up),
+    basic (6n+2) otherwise, so ResNet-110 and ResNet-1202 are basic."""
+    per_unit = len(UNIT_LAYERS["bottleneck"]) * stages
+    return "bottleneck" if depth >= 164 and (depth - 2) % per_unit == 0 else "basic"
+
+
+def units_per_stage_for(depth: int, unit: str, stages: int = 3) -> list[int]:
+    per_unit = len(UNIT_LAYERS[unit]) * stages
+    n, rem = divmod(depth - 2, per_unit)
+    if rem or n < 1:
+        below = max(2 + per_unit, depth - 2 - (depth - 2) % per_unit + 2)
+        nearest = sorted({below, below + per_unit} - {depth})
+        raise ValueError(
+            f"depth {depth} is not {per_unit}n+2 for {unit} units "
+            f"(nearest: {', '.join(map(str, nearest))})"
+        )
+    return [n] * stages
+
+
+def build_resnet(
+    depth: int,
+    *,
+    num_classes: int = 10,
+    block: str = "full_preact",
+    shortcut: str = "identity",
+    unit: str = "auto",
+    downsample: str = "auto",
+    widths: Sequence[int] | None = None,
+    units_per_stage: Sequence[int] | None = None,
+    zero_init_residual: bool = False,
+    bn_batch: int | None = None,
+    checkpointing: bool = False,
+    **options,
+) -> ResNet:
+    """A CIFAR ResNet of `depth` weight layers with the paper's residual unit variants.
+
+    block: original | bn_after_add | relu_before_add | relu_only_preact | full_preact (figure 4).
+    shortcut: identity | constant_scaling | exclusive_gating | shortcut_only_gating | conv1x1 |
+        dropout (figure 2); options shortcut_scale, residual_scale, gate_bias, gate_bn, dropout_p,
+        dropout_rescale default to the rows the paper reports numbers for.
+    unit: basic (6n+2) | bottleneck (9n+2, 4x expansion) | single (3n+2) | auto (see auto_unit).
+    downsample: zero_pad (option A) | projection (1x1 conv, stride 2) | auto (zero_pad for basic
+        and single units, projection for bottlenecks).
+    widths / units_per_stage: other stage layouts, e.g. widths=(64, 128, 256, 512),
+        units_per_stage=(2, 2, 2, 2) for a pre-activation ResNet-18.
+    bn_batch: ghost batch norm over chunks of this many images.
+    """
+    if block not in ORDERINGS:
+        raise ValueError(f"unknown block {block!r}; choose from {', '.join(ORDERINGS)}")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut {shortcut!r}; choose from {', '.join(SHORTCUTS)}")
+    unknown = set(options) - set(SHORTCUT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; shortcut options are {sorted(SHORTCUT_DEFAULTS)}")
+    widths = tuple(widths or DEFAULT_WIDTHS)
+    if unit == "auto":
+        unit = auto_unit(depth, len(widths))
+    if unit not in UNIT_LAYERS:
+        raise ValueError(f"unknown unit {unit!r}; choose from auto, {', '.join(UNITS)}")
+    if downsample == "auto":
+        downsample = "projection" if unit == "bottleneck" else "zero_pad"
+    if downsample not in ("zero_pad", "projection"):
+        raise ValueError(f"unknown downsample {downsample!r}; choose from auto, zero_pad, projection")
+    if units_per_stage is None:
+        units_per_stage = units_per_stage_for(depth, unit, len(widths))
+    elif len(units_per_stage) != len(widths) or min(units_per_stage) < 1:
+        raise ValueError(f"units_per_stage {list(units_per_stage)} must give >= 1 unit for each of {len(widths)} widths")
+    elif depth != len(UNIT_LAYERS[unit]) * sum(units_per_stage) + 2:
+        raise ValueError(
+            f"depth {depth} does not match units_per_stage {list(units_per_stage)} of {unit} units "
+            f"({len(UNIT_LAYERS[unit]) * sum(units_per_stage) + 2} layers)"
+        )
+    if bn_batch is not None and bn_batch < 1:
+        raise ValueError(f"bn_batch must be a positive number of images, got {bn_batch}")
+    opts = {**SHORTCUT_DEFAULTS, **options}
+    ordering = ORDERINGS[block]
+
+    stem_ch = widths[0]
+    stem = [nn.Conv2d(3, stem_ch, 3, padding=1, bias=False)]
+    if not ordering.preact:  # post-activation nets: conv1 is conv-BN-ReLU (v1); pre-act: see _unit
+        stem += [_norm(stem_ch, bn_batch), nn.ReLU(inplace=False)]
+
+    units, ch = [], stem_ch
+    for stage, (width, count) in enumerate(zip(widths, units_per_stage)):
+        for i in range(count):
+            stride = 2 if stage > 0 and i == 0 else 1
+            units.append(_unit(ordering, unit, ch, width, stride, shortcut, downsample,
+                               first=not units, bn_batch=bn_batch, opts=opts))
+            ch = width * EXPANSION[unit]
+    head_act = nn.Sequential(*_ops(ordering.preact, [], ch, bn_batch))
+    model = ResNet(nn.Sequential(*stem), units, head_act, ch, num_classes, checkpointing)
+    _init(model, zero_init_residual)
+    return model
+
+
+def _init(model: ResNet, zero_init_residual: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            # He init with fan_out, as the official Torch code (n = k*k*out_channels). Only weights:
+            # a gate's bias keeps its b_g.
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for unit in model.units:
+            # Zero the branch's last weighted layer so every unit starts as its shortcut.
+            last = [m for m in unit.branch if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))][-1]
+            nn.init.zeros_(last.weight)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["build_resnet", "ORDERINGS", "SHORTCUTS", "UNITS", "auto_unit", "count_parameters", "ResNet"]
