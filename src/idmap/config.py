@@ -4,6 +4,7 @@ Defaults are the paper's CIFAR protocol (paper.md, "Training protocol"); the YAM
 select among the paper's choices and only override what differs.
 """
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -116,3 +117,16 @@ class Config:
 
 def register_configs() -> None:
     ConfigStore.instance().store(name="idmap_schema", node=Config)
+
+
+_NUMERIC_CHOICE = re.compile(r"(\+{0,2}depth=)([\w,]+)")
+
+
+def quote_numeric_choices(args: list[str]) -> list[str]:
+    """`depth=1001` names the config file depth/1001.yaml, but Hydra's override grammar reads 1001 as
+    an int and rejects it as a group choice; quoting keeps it a name (also in sweeps: depth=110,164)."""
+    out = []
+    for arg in args:
+        m = _NUMERIC_CHOICE.fullmatch(arg)
+        out.append(m.group(1) + ",".join(f"'{v}'" for v in m.group(2).split(",")) if m else arg)
+    return out

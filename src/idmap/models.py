@@ -377,6 +377,9 @@ def build_resnet(
             ch = width * EXPANSION[unit]
     head_act = nn.Sequential(*_ops(ordering.preact, [], ch, bn_batch))
     model = ResNet(nn.Sequential(*stem), units, head_act, ch, num_classes, checkpointing)
+    # The choices as resolved ('auto' made concrete), for summaries and reports.
+    model.arch = dict(depth=depth, block=block, shortcut=shortcut, unit=unit, downsample=downsample,
+                      widths=list(widths), units_per_stage=list(units_per_stage))
     _init(model, zero_init_residual)
     return model
 

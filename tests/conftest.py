@@ -1,0 +1,61 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from idmap.config import quote_numeric_choices, register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# A run that takes seconds on a CPU: a ResNet-8 on a small synthetic set, warm-up off so the
+# short run learns.
+TINY = [
+    "dataset=synthetic",
+    "dataset.num_train=512",
+    "dataset.num_test=256",
+    "dataset.image_size=16",
+    "model.depth=8",
+    "model.widths=[8,16,32]",
+    "trainer.batch_size=32",
+    "trainer.max_iters=40",
+    "trainer.eval_every=20",
+    "trainer.checkpoint_every=20",
+    "trainer.log_every=10",
+    "trainer.eval_batch_size=256",
+    "trainer.device=cpu",
+    "trainer.progress=false",
+    "optim.warmup_iters=0",
+]
+
+register_configs()
+
+
+def make_cfg(*overrides: str):
+    """The run config that `python train.py <overrides>` would get."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=quote_numeric_choices(list(overrides)))
+
+
+def run_train(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None):
+    """`python train.py ARGS` in a subprocess, as a user would run it."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def tiny_cfg():
+    return make_cfg(*TINY)

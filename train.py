@@ -1,0 +1,28 @@
+"""Train one residual network with the paper's protocol: `python train.py block=full_preact depth=1001`.
+
+Sweeps: `python train.py -m block=original,full_preact seed=1,2,3` or `python train.py +experiment=table2`.
+"""
+
+import sys
+from pathlib import Path
+
+# Runs from a plain clone too (without `pip install -e .`).
+sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+
+import hydra  # noqa: E402
+
+from idmap.config import quote_numeric_choices, register_configs  # noqa: E402
+
+register_configs()
+sys.argv[1:] = quote_numeric_choices(sys.argv[1:])
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg):
+    from idmap.trainer import main as train_main
+
+    return train_main(cfg)
+
+
+if __name__ == "__main__":
+    main()
