@@ -102,6 +102,8 @@ def validate(cfg: DictConfig) -> None:
         (t.compile in ("none", "default", "reduce-overhead", "max-autotune"),
          f"trainer.compile must be none, default, reduce-overhead or max-autotune, got {t.compile}"),
         (o.impl in ("foreach", "fused", "loop"), f"optim.impl must be foreach, fused or loop, got {o.impl}"),
+        (not (cfg.gpu_pool.enabled and t.world_size > 1),
+         "gpu_pool gives each job one GPU; it cannot run trainer.world_size > 1 processes"),
     ]
     for ok, message in checks:
         if not ok:
@@ -121,8 +123,12 @@ def git_commit() -> str | None:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+# SIGUSR2 is how submitit/SLURM announce a timeout or preemption shortly before they kill the job.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR2") if hasattr(signal, name))
+
+
 class StopFlag:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) only set a flag: the loop checkpoints at the next
+    """SIGTERM/SIGINT/SIGUSR2 (preemption, Ctrl-C) only set a flag: the loop checkpoints at the next
     iteration boundary and exits, so no step is half-applied."""
 
     def __init__(self):
@@ -131,7 +137,7 @@ class StopFlag:
 
     def __enter__(self):
         if threading_main():
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
@@ -534,6 +540,10 @@ def main(cfg: DictConfig) -> dict | None:
         return summary
     except Interrupted as exc:
         log.warning("%s; continue with trainer.resume=true hydra.run.dir=%s", exc, run_dir)
+        handler = signal.getsignal(exc.signum)
+        if callable(handler) and handler is not signal.default_int_handler:
+            # Checkpoint saved: now let the handler we deferred (submitit's requeue) have the signal.
+            signal.raise_signal(exc.signum)
         sys.exit(128 + exc.signum)
     except Exception as exc:
         _record_failure(run_dir, cfg, exc)
