@@ -181,3 +181,11 @@ def test_jpeg_copy_of_cifar10_trains_clearly_below_chance(tmp_path_factory):
     assert summary["dataset"]["label"] == "CIFAR-10 (JPEG copy)"
     assert summary["final_test_error"] < 70  # chance is 90%
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_numeric_depth_choices_work_on_the_command_line_and_in_sweeps():
+    from idmap.config import quote_numeric_choices
+
+    assert quote_numeric_choices(["depth=1001", "-m", "depth=110,164", "seed=1", "model.depth=8"]) == [
+        "depth='1001'", "-m", "depth='110','164'", "seed=1", "model.depth=8"]
+    assert make_cfg("depth=1001").model.depth == 1001

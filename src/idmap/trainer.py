@@ -218,7 +218,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     # Every process draws the same global batch and takes its slice: one seed, one data order.
     stream = BatchStream(n_train, torch.Generator(device=device).manual_seed(cfg.seed))
     local = slice(rank * t.batch_size // world_size, (rank + 1) * t.batch_size // world_size)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, wrong, count since last eval
+    sums = torch.zeros(2, device=device, dtype=torch.float64)  # loss and mistakes since the last eval
     metrics: list[dict] = []
     start_it, elapsed_before, best = 0, 0.0, None
 
@@ -318,8 +318,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) != y).sum().double(),
-                                 torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+            sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) != y).sum().double()])
             done = it + 1
             if t.signal_every and main and done % t.signal_every == 0:
                 _log_signals(writer, raw, x, y, done)
@@ -344,7 +343,9 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
             if done % t.eval_every == 0 or done == max_iters:
                 if world_size > 1:
                     dist.all_reduce(sums)
-                train_loss, wrong, count = sums.tolist()
+                train_loss, wrong = sums.tolist()
+                last_eval = metrics[-1]["iteration"] if metrics else 0
+                count = (done - last_eval) * t.batch_size  # all ranks' images, once reduced
                 test_loss, test_error = evaluate() if main else (math.nan, math.nan)
                 now = time.perf_counter()
                 entry = {
