@@ -1,6 +1,9 @@
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from idmap.config import quote_numeric_choices, register_configs
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+JPEG_COPY = SHARED_DATA / "cifar10-jpeg.tar.gz"
 
 # A run that takes seconds on a CPU: a ResNet-8 on a small synthetic set, warm-up off so the
 # short run learns.
@@ -59,3 +63,22 @@ def run_train(*args: str, check: bool = True, timeout: float = 300, env: dict | 
 @pytest.fixture
 def tiny_cfg():
     return make_cfg(*TINY)
+
+
+@pytest.fixture(scope="session")
+def jpeg_copy(tmp_path_factory) -> Path:
+    if not JPEG_COPY.exists():
+        pytest.skip("../shared/data/cifar10-jpeg.tar.gz is absent")
+    # Extracted once per tarball and kept beside pytest's numbered temp dirs: writing 60,000 files
+    # takes ~15 s, but deleting them took minutes here (ext4 with online discard), so runs reuse it.
+    st = JPEG_COPY.stat()
+    root = tmp_path_factory.getbasetemp().parent / f"idmap-cifar10-jpeg-{st.st_size}-{st.st_mtime_ns}"
+    if not root.exists():
+        tmp = Path(tempfile.mkdtemp(dir=root.parent))
+        with tarfile.open(JPEG_COPY) as tar:
+            tar.extractall(tmp, filter="data")
+        try:
+            tmp.rename(root)  # atomic: a concurrent run sees all of it or none
+        except OSError:
+            shutil.rmtree(tmp)  # another run got there first
+    return root / "cifar10-jpeg"

@@ -1,13 +1,11 @@
 import json
 import math
-import shutil
-import tarfile
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import CONF, SHARED_DATA, TINY, make_cfg, run_train
+from conftest import CONF, TINY, make_cfg, run_train
 from idmap.checkpoint import load_checkpoint, load_model
 from idmap.trainer import BatchStream, learning_rate, train
 
@@ -164,28 +162,16 @@ def test_ddp_with_two_cpu_processes_trains_into_one_run_dir(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_DATA / "cifar10-jpeg.tar.gz").exists(), reason="../shared/data is absent")
-def test_jpeg_copy_of_cifar10_trains_clearly_below_chance(tmp_path_factory):
-    root = tmp_path_factory.mktemp("jpeg")
-    with tarfile.open(SHARED_DATA / "cifar10-jpeg.tar.gz") as tar:
-        tar.extractall(root, filter="data")
-    run_dir = root / "run"
+def test_jpeg_copy_of_cifar10_trains_clearly_below_chance(jpeg_copy, tmp_path):
+    run_dir = tmp_path / "run"
     run_train(
-        "dataset=cifar10_jpeg", f"dataset.root={root / 'cifar10-jpeg'}",
-        "model.depth=8", "model.widths=[8,16,32]", "trainer.batch_size=64", "trainer.max_iters=200",
-        "trainer.eval_every=200",
-        "trainer.log_every=50", "trainer.device=cpu", "trainer.progress=false", "optim.warmup_iters=0",
-        f"hydra.run.dir={run_dir}", timeout=900, env={"IDMAP_CACHE": str(root / "cache")},
+        "dataset=cifar10_jpeg", f"dataset.root={jpeg_copy}",
+        "model.depth=8", "model.widths=[8,16,32]", "trainer.batch_size=64", "trainer.max_iters=300",
+        "trainer.eval_every=300", "trainer.log_every=50", "trainer.device=cpu", "trainer.progress=false",
+        "optim.warmup_iters=0", f"hydra.run.dir={run_dir}", timeout=900,
+        env={"IDMAP_CACHE": str(tmp_path / "cache")},
     )
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["dataset"]["label"] == "CIFAR-10 (JPEG copy)"
-    assert summary["final_test_error"] < 70  # chance is 90%
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def test_numeric_depth_choices_work_on_the_command_line_and_in_sweeps():
-    from idmap.config import quote_numeric_choices
-
-    assert quote_numeric_choices(["depth=1001", "-m", "depth=110,164", "seed=1", "model.depth=8"]) == [
-        "depth='1001'", "-m", "depth='110','164'", "seed=1", "model.depth=8"]
-    assert make_cfg("depth=1001").model.depth == 1001
+    assert summary["dataset"] == {"name": "imagefolder", "label": "CIFAR-10 (JPEG copy)"}
+    # Chance is 90%; on 10,000 test images its spread is 0.3 points, so 75% is far below chance.
+    assert summary["final_test_error"] < 75

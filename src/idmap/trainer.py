@@ -295,6 +295,10 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
         if world_size > 1:
             dist.barrier()
 
+    # Signal propagation is logged on one fixed, un-augmented batch so its curves compare over time.
+    signal_batch = (datamod.normalize(train_x[:64], mean, std).contiguous(memory_format=memory_format),
+                    train_y[:64]) if t.signal_every else None
+
     progress = None
     if main and t.progress:
         from tqdm import tqdm
@@ -321,7 +325,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
             sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) != y).sum().double()])
             done = it + 1
             if t.signal_every and main and done % t.signal_every == 0:
-                _log_signals(writer, raw, x, y, done)
+                _log_signals(writer, raw, *signal_batch, done)
             # A single process reacts to a signal at once; several agree at the next log interval,
             # where all of them meet in the same collective.
             urgent = world_size == 1 and stop.signum
@@ -510,6 +514,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Fetch (or decode and cache) the data once here, so the ranks do not race to download it.
+    from idmap.data import load_dataset
+
+    load_dataset(cfg.dataset)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     mp.spawn(_worker, args=(world_size, cfg_dict, str(run_dir), port), nprocs=world_size, join=True)
     with open(Path(run_dir) / SUMMARY) as f:

@@ -1,0 +1,200 @@
+"""The loss surface around a trained network (Li et al. 2018, "Visualizing the Loss Landscape of
+Neural Nets"; paper.md, "Loss landscape"):
+
+    f(alpha, beta) = L(theta* + alpha delta + beta eta)
+
+delta and eta are Gaussian directions with theta*'s shapes, normalised filter by filter,
+delta_ij <- delta_ij / ||delta_ij|| * ||theta*_ij|| (i = layer, j = filter, i.e. output unit), so a
+step of 1 moves every filter by its own norm: BN makes a net invariant to its filters' scale, and
+without this the plot would depend on it. BN parameters and biases (every 1-D parameter) get a zero
+direction, as Li et al. do ("ignore BN"). BN runs in eval mode with theta*'s running statistics.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from idmap.checkpoint import atomic_write, load_checkpoint, model_kwargs
+
+
+def filter_normalized_direction(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+    """One random direction for `params` (a model's parameters, in order), drawn on the CPU from
+    `generator` so a seed gives the same direction on any device."""
+    directions = []
+    for p in params:
+        if p.dim() <= 1:
+            directions.append(torch.zeros_like(p))
+            continue
+        d = torch.randn(p.shape, generator=generator, dtype=torch.float32).to(p)
+        scale = p.detach().flatten(1).norm(dim=1) / (d.flatten(1).norm(dim=1) + 1e-10)
+        directions.append(d * scale.view(-1, *[1] * (p.dim() - 1)))
+    return directions
+
+
+def grid(points: int, extent: float) -> np.ndarray:
+    """`points` values over [-extent, extent]; for odd `points` the middle one is exactly 0, so the
+    centre of the surface is theta* itself."""
+    values = np.linspace(-extent, extent, points)
+    if points % 2:
+        values[points // 2] = 0.0
+    return values
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    """(mean cross-entropy, accuracy) over x in chunks of `batch`, as a tensor on x's device."""
+    totals = torch.zeros(2, device=x.device, dtype=torch.float64)
+    for i in range(0, len(y), batch):
+        out = model(x[i : i + batch]).float()
+        yb = y[i : i + batch]
+        totals += torch.stack([F.cross_entropy(out, yb, reduction="sum").double(),
+                               (out.argmax(1) == yb).sum().double()])
+    return totals / len(y)
+
+
+@torch.no_grad()
+def loss_surface(model, x, y, directions, alphas, betas, batch: int = 512, progress=None):
+    """loss[i, j], accuracy[i, j] = f(alphas[i], betas[j]) as numpy arrays. Parameters are set in
+    place on the one model and restored to theta* afterwards; x and y stay on their device."""
+    model.eval()
+    moved = [(p, p.detach().clone(), d, e) for p, d, e in zip(model.parameters(), *directions) if d.any() or e.any()]
+    out = torch.empty(len(alphas), len(betas), 2, device=x.device, dtype=torch.float64)
+    try:
+        for i, a in enumerate(alphas):
+            for j, b in enumerate(betas):
+                for p, theta, d, e in moved:
+                    p.copy_(theta)
+                    if a:  # no arithmetic at all on the zero axes: f(0, 0) is theta*'s loss exactly
+                        p.add_(d, alpha=float(a))
+                    if b:
+                        p.add_(e, alpha=float(b))
+                out[i, j] = evaluate(model, x, y, batch)
+            if progress:
+                progress(i + 1, len(alphas))
+    finally:
+        for p, theta, _, _ in moved:
+            p.copy_(theta)
+    out = out.cpu().numpy()
+    return out[..., 0], out[..., 1]
+
+
+def training_images(cfg: dict, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `samples` training images of a run's data set, normalised as the run normalised
+    them, without augmentation."""
+    from omegaconf import OmegaConf
+
+    from idmap.data import load_dataset, normalization, normalize
+
+    ds_cfg = OmegaConf.create(cfg).dataset
+    data = load_dataset(ds_cfg)
+    mean, std = normalization(data.train_x, ds_cfg.normalization)
+    return normalize(data.train_x[:samples], mean, std), data.train_y[:samples]
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+
+
+def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int = 2048, batch: int = 512,
+                      seed: int = 0, device: str = "auto", progress=None) -> dict:
+    """The surface around the model of a run directory or checkpoint file, with what made it."""
+    from idmap.models import build_resnet
+
+    dev = resolve_device(device)
+    state = load_checkpoint(path)
+    cfg = state["config"]
+    model = build_resnet(**model_kwargs(cfg, state["num_classes"]))
+    model.load_state_dict(state["model"])
+    model.to(dev).eval()
+    x, y = (t.to(dev) for t in training_images(cfg, samples))
+    gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    directions = (filter_normalized_direction(params, gen), filter_normalized_direction(params, gen))
+    alphas, betas = grid(points, extent), grid(points, extent)
+    start = datetime.datetime.now(datetime.timezone.utc)
+    loss, accuracy = loss_surface(model, x, y, directions, alphas, betas, batch, progress)
+    meta = {
+        "checkpoint": str(path), "iteration": state.get("iteration"), "seed": seed, "samples": len(y),
+        "grid": points, "range": extent, "device": str(dev), "torch": torch.__version__,
+        "started": start.isoformat(timespec="seconds"),
+        "seconds": (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds(),
+        "depth": cfg["model"]["depth"], "block": cfg["model"]["block"], "shortcut": cfg["shortcut"]["name"],
+        "dataset": cfg["dataset"]["name"],
+        "directions": "Li et al. 2018 filter-normalized Gaussian; 1-D parameters (BN, biases) fixed",
+        "config": cfg,
+    }
+    return dict(alphas=alphas, betas=betas, loss=loss, accuracy=accuracy, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files and figures.
+# --------------------------------------------------------------------------------------------------
+def _title(meta: dict) -> str:
+    return (f"{meta['block']} ResNet-{meta['depth']}, {meta['dataset']}, iteration {meta['iteration']}: "
+            f"train loss on {meta['samples']} images")
+
+
+def contour_figure(result: dict, vmax: float = 10.0):
+    """Li et al.'s 2-D contour plot; levels stop at `vmax` (their default 10) so the basin shows."""
+    from matplotlib.figure import Figure
+
+    a, b, z = result["alphas"], result["betas"], np.nan_to_num(result["loss"].T, nan=np.inf)
+    top = min(float(np.max(z)), vmax)
+    fig = Figure(figsize=(6, 5), layout="constrained")
+    ax = fig.subplots()
+    cs = ax.contour(a, b, z, levels=np.linspace(float(np.min(z)), top, 25), cmap="viridis")
+    ax.clabel(cs, cs.levels[::4], fontsize=7, fmt="%.2g")
+    ax.plot([0], [0], "r+", markersize=10)
+    ax.set(xlabel=r"$\alpha$ (direction $\delta$)", ylabel=r"$\beta$ (direction $\eta$)", aspect="equal")
+    ax.set_title(_title(result["meta"]), fontsize=9)
+    return fig
+
+
+def surface_figure(result: dict, vmax: float = 10.0):
+    from matplotlib.figure import Figure
+
+    A, B = np.meshgrid(result["alphas"], result["betas"])
+    z = np.clip(np.nan_to_num(result["loss"].T, nan=vmax), None, vmax)
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.add_subplot(projection="3d")
+    ax.plot_surface(A, B, z, cmap="viridis", linewidth=0, antialiased=True)
+    ax.set(xlabel=r"$\alpha$", ylabel=r"$\beta$", zlabel=f"loss (clipped at {vmax:g})")
+    ax.set_title(_title(result["meta"]), fontsize=9)
+    return fig
+
+
+def _save_png(fig, path: Path) -> None:
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def write_landscape(result: dict, outdir: str | Path, vmax: float = 10.0) -> list[Path]:
+    """landscape.npz (alphas, betas, loss[i, j] = f(alphas[i], betas[j]), accuracy, meta as JSON),
+    landscape.csv and the two figures, each written atomically."""
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {k: result[k] for k in ("alphas", "betas", "loss", "accuracy")}
+    buf = io.BytesIO()  # np.savez wants a seekable file; the bytes then go in with one atomic write
+    np.savez(buf, **arrays, meta=np.array(json.dumps(result["meta"], default=str)))
+    paths = [out / n for n in ("landscape.npz", "landscape.csv", "landscape_contour.png", "landscape_surface.png")]
+    atomic_write(paths[0], lambda f: f.write(buf.getvalue()))
+    loss, acc = result["loss"].tolist(), result["accuracy"].tolist()  # Python floats: repr round-trips
+    rows = [f"{a!r},{b!r},{loss[i][j]!r},{acc[i][j]!r}"
+            for i, a in enumerate(result["alphas"].tolist()) for j, b in enumerate(result["betas"].tolist())]
+    atomic_write(paths[1], lambda f: f.write("\n".join(["alpha,beta,loss,accuracy", *rows]) + "\n"), mode="w")
+    _save_png(contour_figure(result, vmax), paths[2])
+    _save_png(surface_figure(result, vmax), paths[3])
+    return paths
+
+
+def read_landscape(path: str | Path) -> dict:
+    with np.load(path) as z:
+        result = {k: z[k] for k in ("alphas", "betas", "loss", "accuracy")}
+        result["meta"] = json.loads(str(z["meta"]))
+    return result
