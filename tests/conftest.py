@@ -7,9 +7,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from idmap.config import quote_numeric_choices, register_configs
+from idmap.config import compose_config, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -41,8 +40,7 @@ register_configs()
 
 def make_cfg(*overrides: str):
     """The run config that `python train.py <overrides>` would get."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=quote_numeric_choices(list(overrides)))
+    return compose_config(*overrides)
 
 
 def run_train(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None):

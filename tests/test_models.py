@@ -288,3 +288,6 @@ def test_activation_checkpointing_gives_the_same_gradients():
         nn.functional.cross_entropy(m(x), y).backward()
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6)
+    # The recomputation in backward must not update BN's running statistics a second time.
+    for (name, ba), bb in zip(a.named_buffers(), b.buffers()):
+        assert torch.allclose(ba.float(), bb.float(), atol=1e-6), name

@@ -130,3 +130,15 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
         m = _NUMERIC_CHOICE.fullmatch(arg)
         out.append(m.group(1) + ",".join(f"'{v}'" for v in m.group(2).split(",")) if m else arg)
     return out
+
+
+def compose_config(*overrides: str):
+    """The run config that `python train.py OVERRIDES` gets, for tests, benchmarks and notebooks."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="train", overrides=quote_numeric_choices(list(overrides)))

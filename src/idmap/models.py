@@ -10,7 +10,7 @@ any of the others.
 
 from __future__ import annotations
 
-import math
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -271,11 +271,29 @@ class ResNet(nn.Module):
         x = self.stem(x)
         for unit in self.units:
             if self.checkpointing and self.training and x.requires_grad:
-                x = checkpoint(unit, x, use_reentrant=False)
+                x = checkpoint(unit, x, use_reentrant=False,
+                               context_fn=lambda u=unit: (contextlib.nullcontext(), _bn_stats_frozen(u)))
             else:
                 x = unit(x)
         x = self.head_act(x)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module: nn.Module):
+    """Activation checkpointing runs each unit's forward again during backward; BN must normalise
+    with the same batch statistics but not update its running averages a second time. Momentum 0
+    keeps the running averages as they are while the recomputation saves the same tensors."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 # --------------------------------------------------------------------------------------------------

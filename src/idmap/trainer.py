@@ -347,11 +347,11 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
             if done % t.eval_every == 0 or done == max_iters:
                 if world_size > 1:
                     dist.all_reduce(sums)
-                train_loss, wrong = sums.tolist()
+                train_loss, wrong = sums.tolist()  # a host sync: the window's steps are done
+                now = time.perf_counter()  # throughput counts training only, not the evaluation
                 last_eval = metrics[-1]["iteration"] if metrics else 0
                 count = (done - last_eval) * t.batch_size  # all ranks' images, once reduced
                 test_loss, test_error = evaluate() if main else (math.nan, math.nan)
-                now = time.perf_counter()
                 entry = {
                     "iteration": done, "epoch": round(done / per_epoch, 3), "lr": lr,
                     "train_loss": train_loss / count, "train_error": 100.0 * wrong / count,
@@ -360,7 +360,6 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
                     "elapsed": elapsed_before + now - t0,
                 }
                 sums.zero_()
-                window_start, window_it = time.perf_counter(), done
                 if main:
                     if not math.isfinite(test_loss):
                         status = "diverged"
@@ -376,6 +375,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
                     status = "diverged" if flag.item() else status
                 if status == "diverged":
                     break
+                window_start, window_it = time.perf_counter(), done
             if done % t.checkpoint_every == 0 or done == max_iters or signum:
                 checkpoint(done, elapsed_before + time.perf_counter() - t0)
             if signum:

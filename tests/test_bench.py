@@ -1,0 +1,112 @@
+"""scripts/bench.py: the throughput table, on a CPU in seconds; the speed switches on a GPU, where
+they must all run and compiled training must follow eager training."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY, make_cfg
+
+from idmap.trainer import METRICS, train
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("idmap_bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# A ResNet-8 with narrow stages on 256 images: seconds per row on a loaded CPU.
+SMOKE = ["--depths", "8", "--iters", "2", "--warmup", "1", "--num-train", "256", "--batch-size", "16",
+         "--workers", "0", "--widths", "4", "8", "16"]
+
+
+def table(text: str) -> dict[str, list[str]]:
+    """Setting name -> its cells after the name, for the body rows of the markdown table."""
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| ")]
+    assert rows[0][:2] == [" depth ", " loop / setting "], rows[0]
+    return {cells[1].strip(): [c.strip() for c in cells[2:]] for cells in rows[1:]}
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").removesuffix("x"))
+
+
+def assert_measured(cells: list[str], cuda: bool) -> None:
+    ips, ms, peak, speedup, minutes = cells
+    assert number(ips) > 0 and number(ms) > 0 and number(speedup) > 0, cells
+    assert (number(peak) > 0) if cuda else peak == "", cells
+    # The paper's 64k iterations at this row's ms/iter (both cells rounded to 0.1).
+    assert number(minutes) == pytest.approx(64_000 * number(ms) / 60_000, rel=0.01, abs=0.1)
+
+
+def test_cpu_table_has_the_header_and_a_row_of_numbers_per_setting_that_fits_a_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.md"
+    assert bench.main([*SMOKE, "--device", "cpu", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert out.read_text() == text
+    first = text.splitlines()[0]
+    assert first.startswith("Device: ") and f"torch {torch.__version__}" in first
+    assert "`python scripts/bench.py --depths 8 --iters 2" in first
+    assert "generated 32x32 uint8 images (dataset=synthetic), not CIFAR-10" in text
+
+    rows = table(text)
+    expected = ["classic"] + [s.name for s in bench.SETTINGS if not s.cuda_only and s.min_depth <= 8]
+    assert list(rows) == expected
+    assert rows["classic"][3] == "1.00x"
+    for cells in rows.values():
+        assert_measured(cells, cuda=False)
+    # The settings left out are named, with the reason.
+    notes = [line for line in text.splitlines() if line.startswith("- not run: ")]
+    assert any("tf32+channels_last" in n and "on a CPU" in n for n in notes)
+    assert any("+checkpointing" in n and "below depth 1000" in n for n in notes)
+
+
+def test_a_failing_setting_is_a_failed_row_and_the_benchmark_goes_on(monkeypatch, capsys):
+    def train_or_oom(cfg, run_dir):
+        if cfg.trainer.precision == "bf16":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train(cfg, run_dir)
+
+    monkeypatch.setattr(bench, "train", train_or_oom)
+    assert bench.main([*SMOKE, "--device", "cpu", "--settings", "bf16+channels_last", "fp32"]) == 0
+    rows = table(capsys.readouterr().out)
+    assert list(rows) == ["classic", "bf16+channels_last", "fp32"]
+    assert rows["bf16+channels_last"][0] == "failed: out of memory"
+    assert_measured(rows["fp32"], cuda=False)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_every_setting_runs_on_cuda(capsys):
+    """Named settings run at any depth, so the depth-8 net exercises compile, CUDA graphs and
+    checkpointing too."""
+    assert bench.main([*SMOKE, "--device", "cuda", "--warmup", "3", "--settings", *bench.BY_NAME]) == 0
+    rows = table(capsys.readouterr().out)
+    assert list(rows) == ["classic", *bench.BY_NAME]
+    for cells in rows.values():
+        assert_measured(cells, cuda=True)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, rel", [("fp32", 2e-3), ("bf16", 3e-2)])
+def test_compiled_training_follows_eager_training(tmp_path, precision, rel):
+    """torch.compile is the same maths: the mean train loss of the first 10 iterations (same seed,
+    same batches) agrees with eager's up to rounding, which bf16 makes coarser."""
+    losses = {}
+    for mode in ("none", "default"):
+        torch.compiler.reset()
+        cfg = make_cfg(*TINY, "trainer.device=cuda", f"trainer.precision={precision}", f"trainer.compile={mode}",
+                       "trainer.max_iters=10", "trainer.eval_every=10", "trainer.checkpoint_every=10")
+        train(cfg, tmp_path / mode)
+        losses[mode] = json.loads((tmp_path / mode / METRICS).read_text().splitlines()[0])["train_loss"]
+    assert losses["default"] == pytest.approx(losses["none"], rel=rel)
