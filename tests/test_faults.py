@@ -156,6 +156,12 @@ def test_an_existing_run_is_never_silently_overwritten(tmp_path, tiny_cfg):
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
+def test_resuming_with_another_model_says_so(tmp_path, tiny_cfg):
+    train(tiny_cfg, tmp_path)
+    with pytest.raises(IdmapError, match="different model"):
+        train(make_cfg(*TINY, "model.depth=14", "trainer.resume=true"), tmp_path)
+
+
 class _Exploit:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

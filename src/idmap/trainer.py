@@ -230,8 +230,14 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
                 f"(and the same hydra.run.dir), or choose another run directory"
             )
         state = load_checkpoint(ckpt_path, map_location=device)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            raw.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as exc:
+            raise IdmapError(
+                f"{ckpt_path} holds a different model or optimizer than these settings; resume with "
+                f"the run's own settings (its .hydra/overrides.yaml) or choose another run directory"
+            ) from exc
         stream.load_state_dict(state["stream"])
         sums.copy_(state["sums"])
         torch.set_rng_state(state["rng_cpu"])
