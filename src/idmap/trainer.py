@@ -339,17 +339,20 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
                     and done != max_iters and not urgent):
                 continue
             # One host sync per log interval: divergence and stop requests are agreed by all ranks.
-            flags = torch.stack([sums[0], torch.tensor(float(stop.signum), device=device, dtype=torch.float64)])
+            flags = torch.cat([sums, torch.tensor([float(stop.signum)], device=device, dtype=torch.float64)])
             if world_size > 1:
                 dist.all_reduce(flags)
-            loss_sum, signalled = flags.tolist()
+            loss_sum, wrong_sum, signalled = flags.tolist()
             signum = stop.signum or (signal.SIGTERM if signalled else 0)
             if not math.isfinite(loss_sum):
                 status = "diverged"
                 break
             if progress:
+                seen = (done - (metrics[-1]["iteration"] if metrics else 0)) * t.batch_size
+                rate = (done - window_it) * t.batch_size / (time.perf_counter() - window_start)
                 progress.update(done - progress.n)
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:g}")
+                progress.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{100 * wrong_sum / seen:.1f}%",
+                                     lr=f"{lr:g}", img_s=f"{rate:.0f}")
             if done % t.eval_every == 0 or done == max_iters:
                 if world_size > 1:
                     dist.all_reduce(sums)
