@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import os
 import pickle
 import signal
@@ -125,15 +126,14 @@ def test_disk_full_while_checkpointing_says_so_and_keeps_the_previous_checkpoint
 def test_disk_full_during_a_run_ends_it_with_one_message(tmp_path, monkeypatch):
     import idmap.checkpoint as ckpt
 
-    real = ckpt.torch.save
+    def full_disk_write(path, write, mode="wb"):  # what a file write on a full disk raises
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    def save(obj, f):
-        if isinstance(obj, dict) and "optimizer" in obj:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(obj, f)
-
-    monkeypatch.setattr(ckpt.torch, "save", save)
-    with pytest.raises(IdmapError, match="disk full"):
+    real = ckpt.atomic_write
+    monkeypatch.setattr(ckpt, "atomic_write",
+                        lambda path, write, mode="wb": real(path, write, mode) if mode == "w" else
+                        real(path, lambda f: full_disk_write(path, write), mode))
+    with pytest.raises(IdmapError, match=r"disk full while writing .*checkpoint.pt"):
         train(make_cfg(*TINY), tmp_path)
 
 
@@ -148,18 +148,30 @@ def test_a_truncated_checkpoint_gives_a_clear_error_naming_the_file(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_an_existing_run_is_never_silently_overwritten(tmp_path, tiny_cfg):
-    train(tiny_cfg, tmp_path)
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(IdmapError, match="trainer.resume=true"):
-        train(tiny_cfg, tmp_path)
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+def test_an_existing_run_is_never_silently_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(*TINY, "trainer.max_iters=4", "trainer.eval_every=4", f"hydra.run.dir={run_dir}")
+    before = {p: (run_dir / p).read_bytes() for p in ("checkpoint.pt", "summary.json", "metrics.jsonl")}
+    proc = run_train(*TINY, "block=original", f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 2 and "trainer.resume=true" in proc.stderr
+    assert {p: (run_dir / p).read_bytes() for p in before} == before  # still the completed run
 
 
-def test_resuming_with_another_model_says_so(tmp_path, tiny_cfg):
+@pytest.mark.parametrize("override, change", [
+    ("model.depth=14", "model.depth: 8 -> 14"),
+    ("shortcut=constant_scaling", "shortcut.name: identity -> constant_scaling"),  # same shapes
+    ("optim.lr=0.2", "optim.lr: 0.1 -> 0.2"),
+])
+def test_resuming_with_other_settings_says_which(tmp_path, tiny_cfg, override, change):
     train(tiny_cfg, tmp_path)
-    with pytest.raises(IdmapError, match="different model"):
-        train(make_cfg(*TINY, "model.depth=14", "trainer.resume=true"), tmp_path)
+    with pytest.raises(IdmapError, match=re.escape(change)):
+        train(make_cfg(*TINY, override, "trainer.resume=true"), tmp_path)
+
+
+def test_resuming_may_change_how_a_run_runs(tmp_path, tiny_cfg):
+    train(tiny_cfg, tmp_path)
+    summary = train(make_cfg(*TINY, "trainer.max_iters=60", "trainer.eval_every=30", "trainer.resume=true"), tmp_path)
+    assert summary["status"] == "completed" and summary["iterations"] == 60
 
 
 class _Exploit:

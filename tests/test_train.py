@@ -73,7 +73,8 @@ def test_every_option_of_every_group_composes(group, option):
 
 def test_the_default_is_full_preact_resnet110_on_cifar10_with_the_papers_protocol():
     cfg = make_cfg()
-    assert (cfg.model.block, cfg.model.depth, cfg.model.unit) == ("full_preact", 110, "basic")
+    assert (cfg.model.block, cfg.model.depth, cfg.model.unit) == ("full_preact", 110, "auto")
+    assert cfg.model.bn_batch == 64  # BN over 64 images, as the paper's 2 GPUs x 64
     assert cfg.shortcut.name == "identity" and cfg.dataset.name == "cifar10"
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (0.1, 0.9, 1e-4)
     assert list(cfg.optim.milestones) == [32000, 48000] and cfg.trainer.max_iters == 64000
@@ -88,9 +89,21 @@ def test_shortcut_parameters_are_overridable_and_typos_fail_at_startup():
         make_cfg("trainer.batch_size=many")
 
 
-def test_depth_options_set_depth_and_unit():
-    assert (make_cfg("depth=1001").model.depth, make_cfg("depth=1001").model.unit) == (1001, "bottleneck")
-    assert make_cfg("depth=110_1layer").model.unit == "single"
+@pytest.mark.parametrize("choice, depth, unit", [("20", 20, "basic"), ("110", 110, "basic"),
+                                                 ("164", 164, "bottleneck"), ("1001", 1001, "bottleneck"),
+                                                 ("1202", 1202, "basic"), ("110_1layer", 110, "single")])
+def test_depth_options_give_the_papers_networks(choice, depth, unit):
+    from idmap.models import auto_unit
+
+    m = make_cfg(f"depth={choice}").model
+    assert m.depth == depth and (auto_unit(depth) if m.unit == "auto" else m.unit) == unit
+
+
+def test_a_bare_model_depth_gets_the_papers_unit_too():
+    from idmap.models import auto_unit
+
+    m = make_cfg("model.depth=164").model
+    assert auto_unit(m.depth) == "bottleneck" and m.unit == "auto"
 
 
 def test_paper_schedule_warms_up_then_steps_down():
@@ -103,7 +116,7 @@ def test_paper_schedule_warms_up_then_steps_down():
 def test_torch_preset_is_the_epoch_recipe(tmp_path):
     cfg = make_cfg("protocol=torch")
     assert (cfg.trainer.batch_size, cfg.trainer.epochs, cfg.optim.nesterov, cfg.optim.warmup_iters) == (64, 200, True, 0)
-    assert list(cfg.optim.milestone_epochs) == [81, 122]
+    assert list(cfg.optim.milestone_epochs) == [80, 121]  # the Torch code's 1-based epochs 81 and 122
 
 
 def test_batch_stream_gives_full_batches_and_every_image_once_per_epoch():
@@ -155,6 +168,7 @@ def test_ddp_with_two_cpu_processes_trains_into_one_run_dir(tmp_path):
               "trainer.world_size=2", f"hydra.run.dir={run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["iterations"] == 6
+    assert summary["choices"]["block"] == "full_preact"  # so that report.py can place the run
     metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2  # written once, by rank 0
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1

@@ -7,6 +7,7 @@ checkpoint from elsewhere cannot run code.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import tempfile
@@ -16,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from idmap import IdmapError
+from idmap.models import SHORTCUT_DEFAULTS
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
@@ -49,7 +51,11 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
+    # Serialised in memory first: torch.save reports a full disk as a RuntimeError of its own,
+    # a plain write reports it as ENOSPC, which atomic_write turns into a clear message.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -86,7 +92,7 @@ def model_kwargs(cfg: Any, num_classes: int) -> dict:
         zero_init_residual=m["zero_init_residual"],
         bn_batch=m.get("bn_batch"),
         checkpointing=m.get("checkpointing", False),
-        **{k: s[k] for k in ("shortcut_scale", "residual_scale", "gate_bias", "gate_bn", "dropout_p", "dropout_rescale")},
+        **{k: s[k] for k in SHORTCUT_DEFAULTS},
     )
 
 

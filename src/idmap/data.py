@@ -413,9 +413,13 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
     return xp[i, ch, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def draw_crop_flip(n: int, generator: torch.Generator, pad: int = 4):
+    """The paper's augmentation draws for n images: crop offsets uniform over the (2 pad + 1)^2
+    positions of the padded image, and a coin-flip mirror; on the generator's device."""
+    dev = generator.device
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=dev) for _ in range(2))
+    return dy, dx, torch.rand(n, generator=generator, device=dev) < 0.5
+
+
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """The paper's augmentation: a uniformly random crop of the padded image and a coin-flip mirror."""
-    n = len(x)
-    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=x.device) for _ in range(2))
-    flip = torch.rand(n, generator=generator, device=x.device) < 0.5
-    return crop_flip(x, dy, dx, flip, pad)
+    return crop_flip(x, *draw_crop_flip(len(x), generator, pad), pad)

@@ -61,7 +61,8 @@ EXPANSION = {unit: layers[-1][1] for unit, layers in UNIT_LAYERS.items()}
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
     """BN whose training statistics come from chunks of `bn_batch` images: the paper's batch of 128
-    was split over 2 GPUs, so its BN saw 64 images at a time."""
+    was split over 2 GPUs, so its BN saw 64 images at a time. The running averages take one update
+    per chunk; which replica's averages the paper tested with is UNVERIFIED."""
 
     def __init__(self, num_features: int, bn_batch: int):
         super().__init__(num_features)
@@ -275,8 +276,8 @@ class ResNet(nn.Module):
                                context_fn=lambda u=unit: (contextlib.nullcontext(), _bn_stats_frozen(u)))
             else:
                 x = unit(x)
-        x = self.head_act(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        # Global average pooling as a mean: adaptive_avg_pool2d's CUDA backward is not deterministic.
+        return self.fc(self.head_act(x).mean((2, 3)))
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -82,8 +83,10 @@ def resolve_device(name: str, rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise IdmapError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu")
+    if name.startswith("cuda") and dist.is_initialized():
+        return torch.device("cuda", rank)  # one process per GPU
     if name == "cuda":
-        return torch.device("cuda", rank if dist.is_initialized() else torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -94,6 +97,8 @@ def validate(cfg: DictConfig) -> None:
         (t.batch_size > 0, f"trainer.batch_size must be positive, got {t.batch_size}"),
         (t.max_iters > 0 or (t.epochs or 0) > 0, "trainer.max_iters (or trainer.epochs) must be positive"),
         (t.eval_every > 0, f"trainer.eval_every must be positive, got {t.eval_every}"),
+        (t.eval_batch_size > 0, f"trainer.eval_batch_size must be positive, got {t.eval_batch_size}"),
+        (o.warmup_iters >= 0, f"optim.warmup_iters must be >= 0, got {o.warmup_iters}"),
         (t.checkpoint_every > 0, f"trainer.checkpoint_every must be positive, got {t.checkpoint_every}"),
         (t.log_every > 0, f"trainer.log_every must be positive, got {t.log_every}"),
         (t.world_size >= 1, f"trainer.world_size must be >= 1, got {t.world_size}"),
@@ -136,7 +141,7 @@ class StopFlag:
         self._previous = {}
 
     def __enter__(self):
-        if threading_main():
+        if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -152,24 +157,23 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
+class RunExists(IdmapError):
+    """The run directory holds another run: refused before anything in it is touched."""
+
+
 class Interrupted(Exception):
     def __init__(self, signum: int):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
 
 
-def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int = 1) -> dict:
+def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int = 1,
+          choices: dict | None = None) -> dict:
     """Train one run in `run_dir`; returns its summary. Raises Interrupted after checkpointing when
-    signalled, IdmapError for bad input."""
+    signalled, IdmapError for bad input. `choices`: the config group choices (Hydra's, by default)."""
     from idmap import data as datamod
 
     run_dir = Path(run_dir)
@@ -225,21 +229,22 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     ckpt_path = run_dir / CHECKPOINT
     if ckpt_path.exists():
         if not t.resume:
-            raise IdmapError(
+            raise RunExists(
                 f"{run_dir} already holds a checkpoint; continue it with trainer.resume=true "
                 f"(and the same hydra.run.dir), or choose another run directory"
             )
         state = load_checkpoint(ckpt_path, map_location=device)
-        try:
-            raw.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as exc:
-            raise IdmapError(
-                f"{ckpt_path} holds a different model or optimizer than these settings; resume with "
-                f"the run's own settings (its .hydra/overrides.yaml) or choose another run directory"
-            ) from exc
+        changed = settings_changed(state["config"], OmegaConf.to_container(cfg, resolve=True))
+        if changed:
+            raise RunExists(
+                f"{ckpt_path} was trained with other settings ({'; '.join(changed)}); resume with the "
+                f"run's own settings (summary.json's 'config') or choose another run directory"
+            )
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
         stream.load_state_dict(state["stream"])
-        sums.copy_(state["sums"])
+        if main:  # the saved sums are all ranks' together: counted once, on rank 0
+            sums.copy_(state["sums"])
         torch.set_rng_state(state["rng_cpu"])
         if device.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"], device)
@@ -260,7 +265,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
             _write_hparams(writer, cfg)
         _write_metrics(run_dir, metrics)
 
-    summary = _summary_base(cfg, raw, ds, device, max_iters)
+    summary = _summary_base(cfg, raw, ds, device, max_iters, _choices() if choices is None else choices)
 
     def batch(idx_global: torch.Tensor, draws: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         idx, dy, dx, flip = idx_global[local], *(d[local] for d in draws)
@@ -268,12 +273,6 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
         if cfg.dataset.augment:
             x = datamod.crop_flip(x, dy, dx, flip, PAD)
         return x.contiguous(memory_format=memory_format), train_y[idx]
-
-    def draw(size: int) -> tuple:
-        g = stream.g
-        return (torch.randint(0, 2 * PAD + 1, (size,), generator=g, device=device),
-                torch.randint(0, 2 * PAD + 1, (size,), generator=g, device=device),
-                torch.rand(size, generator=g, device=device) < 0.5)
 
     def evaluate() -> tuple[float, float]:
         raw.eval()
@@ -290,10 +289,13 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
         return loss / len(test_y), 100.0 * wrong / len(test_y)
 
     def checkpoint(it: int, elapsed: float) -> None:
+        saved_sums = sums.clone()
+        if world_size > 1:  # a checkpoint between evaluations holds every rank's partial sums
+            dist.all_reduce(saved_sums)
         if main:
             save_checkpoint(ckpt_path, {
                 "model": raw.state_dict(), "optimizer": optimizer.state_dict(), "iteration": it,
-                "stream": stream.state_dict(), "sums": sums.cpu(), "rng_cpu": torch.get_rng_state(),
+                "stream": stream.state_dict(), "sums": saved_sums.cpu(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "elapsed": elapsed, "best_test_error": best, "metrics": metrics,
                 "config": OmegaConf.to_container(cfg, resolve=True), "num_classes": ds.num_classes,
@@ -321,7 +323,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
             lr = learning_rate(it, o, milestones)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = batch(stream.next(t.batch_size), draw(t.batch_size))
+            x, y = batch(stream.next(t.batch_size), datamod.draw_crop_flip(t.batch_size, stream.g, PAD))
             with autocast:
                 out = model(x)
                 loss = F.cross_entropy(out.float(), y)
@@ -331,7 +333,9 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
             sums += torch.stack([loss.detach().double() * len(y), (out.argmax(1) != y).sum().double()])
             done = it + 1
             if t.signal_every and main and done % t.signal_every == 0:
-                _log_signals(writer, raw, *signal_batch, done)
+                from idmap.signal import log_signals
+
+                log_signals(writer, raw, *signal_batch, done)
             # A single process reacts to a signal at once; several agree at the next log interval,
             # where all of them meet in the same collective.
             urgent = world_size == 1 and stop.signum
@@ -387,7 +391,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
                 window_start, window_it = time.perf_counter(), done
             if done % t.checkpoint_every == 0 or done == max_iters or signum:
                 checkpoint(done, elapsed_before + time.perf_counter() - t0)
-            if signum:
+            if signum and done < max_iters:
                 status = "interrupted"
                 break
     if progress:
@@ -406,12 +410,36 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
         summary["error"] = f"non-finite loss by iteration {done}"
     if main:
         if writer is not None:
-            writer.add_scalar("hparam/final_test_error", summary["final_test_error"] or math.nan, done)
+            final = summary["final_test_error"]
+            writer.add_scalar("hparam/final_test_error", math.nan if final is None else final, done)
             writer.close()
         write_json(run_dir / SUMMARY, summary)
     if status == "interrupted":
         raise Interrupted(signum)
     return summary
+
+
+# Settings a resumed run may change: how it runs, not what it computes.
+RESUMABLE = {"trainer": {"max_iters", "epochs", "eval_every", "eval_batch_size", "checkpoint_every",
+                         "log_every", "device", "resume", "progress", "signal_every", "world_size",
+                         "precision", "channels_last", "compile", "deterministic"},
+             "dataset": {"root", "download", "label"}, "gpu_pool": None, "tags": None}
+
+
+def settings_changed(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every setting that differs between a checkpoint's run and this one."""
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        free = RESUMABLE.get(section, set())
+        if free is None or a == b:
+            continue
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            out.append(f"{section}: {a} -> {b}")
+            continue
+        out += [f"{section}.{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
+                if k not in free and a.get(k) != b.get(k)]
+    return out
 
 
 def _mean(values):
@@ -435,12 +463,6 @@ def _log_scalars(writer, e: dict) -> None:
     writer.flush()
 
 
-def _log_signals(writer, model, x, y, step) -> None:
-    from idmap.signal import log_signals
-
-    log_signals(writer, model, x, y, step)
-
-
 def _hparams(cfg: DictConfig) -> dict:
     """The choices a sweep varies, flat, as TensorBoard's HParams view wants them."""
     flat = {}
@@ -459,7 +481,7 @@ def _write_hparams(writer, cfg: DictConfig) -> None:
         writer.file_writer.add_summary(s)
 
 
-def _summary_base(cfg: DictConfig, model, ds, device: torch.device, max_iters: int) -> dict:
+def _summary_base(cfg: DictConfig, model, ds, device: torch.device, max_iters: int, choices: dict) -> dict:
     return {
         "status": "running",
         "final_test_error": None,
@@ -474,7 +496,7 @@ def _summary_base(cfg: DictConfig, model, ds, device: torch.device, max_iters: i
         "git_commit": git_commit(),
         "seed": cfg.seed,
         "dataset": {"name": ds.name, "label": ds.label},
-        "choices": _choices(),
+        "choices": choices,
         "model": {k: model.arch[k] for k in ("depth", "unit", "block", "downsample")},
         "shortcut": OmegaConf.to_container(cfg.shortcut, resolve=True),
         "tags": OmegaConf.to_container(cfg.tags, resolve=True),
@@ -494,7 +516,7 @@ def _choices() -> dict:
 # --------------------------------------------------------------------------------------------------
 # Entry points: one process, or several spawned for data parallelism
 # --------------------------------------------------------------------------------------------------
-def _worker(rank: int, world_size: int, cfg_dict: dict, run_dir: str, port: int) -> None:
+def _worker(rank: int, world_size: int, cfg_dict: dict, run_dir: str, port: int, choices: dict) -> None:
     cfg = OmegaConf.create(cfg_dict)
     use_cuda = resolve_device(cfg.trainer.device).type == "cuda"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -504,7 +526,7 @@ def _worker(rank: int, world_size: int, cfg_dict: dict, run_dir: str, port: int)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
     try:
-        train(cfg, run_dir, rank, world_size)
+        train(cfg, run_dir, rank, world_size, choices)
     except Interrupted:
         pass
     finally:
@@ -528,7 +550,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     load_dataset(cfg.dataset)
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    mp.spawn(_worker, args=(world_size, cfg_dict, str(run_dir), port), nprocs=world_size, join=True)
+    # The workers have no Hydra context: they get the group choices from here.
+    mp.spawn(_worker, args=(world_size, cfg_dict, str(run_dir), port, _choices()), nprocs=world_size, join=True)
     with open(Path(run_dir) / SUMMARY) as f:
         summary = json.load(f)
     if summary["status"] == "interrupted":
@@ -552,7 +575,9 @@ def main(cfg: DictConfig) -> dict | None:
         cfg.trainer.progress = False
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        with pin_job_to_gpu(cfg.gpu_pool):
+        with pin_job_to_gpu(cfg.gpu_pool) as device:
+            if device is not None:
+                cfg.trainer.device = device
             summary = run(cfg, run_dir)
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
         return summary
@@ -564,7 +589,8 @@ def main(cfg: DictConfig) -> dict | None:
             signal.raise_signal(exc.signum)
         sys.exit(128 + exc.signum)
     except Exception as exc:
-        _record_failure(run_dir, cfg, exc)
+        if not isinstance(exc, RunExists):  # a refused start leaves the run it found as it was
+            _record_failure(run_dir, cfg, exc)
         if full_error or (not multirun and not isinstance(exc, IdmapError)):
             raise
         if multirun:
