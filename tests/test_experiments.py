@@ -93,11 +93,19 @@ TABLE1 = {
 }
 
 
+
+def built_unit(cfg) -> str:
+    """The unit type the run builds ('auto' resolved as build_resnet does)."""
+    from idmap.models import auto_unit
+
+    return auto_unit(cfg.model.depth) if cfg.model.unit == "auto" else cfg.model.unit
+
+
 @pytest.mark.parametrize("row", sorted(TABLE1))
 def test_table1_rows_are_resnet110_original_units_with_the_papers_shortcut(row):
     cfg = compose_experiment("table1", f"table1={row}")
     shortcut, params = TABLE1[row]
-    assert (cfg.model.depth, cfg.model.unit, cfg.model.block) == (110, "basic", "original")
+    assert (cfg.model.depth, built_unit(cfg), cfg.model.block) == (110, "basic", "original")
     assert cfg.shortcut.name == shortcut
     assert {k: cfg.shortcut[k] for k in params} == params
 
@@ -112,7 +120,7 @@ def test_table1_rows_are_resnet110_original_units_with_the_papers_shortcut(row):
 ])
 def test_table3_rows_set_network_and_data(row, depth, unit, dataset, classes):
     cfg = compose_experiment("table3", f"table3={row}")
-    assert (cfg.model.depth, cfg.model.unit, cfg.shortcut.name) == (depth, unit, "identity")
+    assert (cfg.model.depth, built_unit(cfg), cfg.shortcut.name) == (depth, unit, "identity")
     assert (cfg.dataset.name, cfg.dataset.num_classes) == (dataset, classes)
 
 
