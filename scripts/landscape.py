@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     p.add_argument("path", type=Path, help="run directory or checkpoint file")
     p.add_argument("--grid", type=int, default=21, help="points per axis (odd: the centre is theta* itself)")
     p.add_argument("--range", type=float, default=1.0, dest="extent", help="alpha, beta in [-range, range]")
-    p.add_argument("--samples", type=int, default=2048, help="the first N training images")
+    p.add_argument("--samples", type=int, default=2048, help="a fixed random subset of N training images")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="seed of the two random directions")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -5,7 +5,7 @@
     python scripts/signals.py --runs RUN_DIR [RUN_DIR ...] -o signal_trained.png
 
 Untrained nets (--blocks x --depths, He init; --zero-init zeroes every branch's last layer) read a
-batch of standard-normal 3x32x32 images; runs read the first images of their own training set.
+batch of standard-normal 3x32x32 images; runs read a fixed random subset of their own training set.
 """
 
 import argparse

@@ -68,9 +68,11 @@ def test_the_grid_centre_is_exactly_zero_and_the_ends_are_the_range():
 def test_the_centre_of_the_surface_is_the_checkpoints_own_loss(run_dir, landscape):
     model, cfg = load_model(run_dir)
     data = load_dataset(OmegaConf.create(cfg).dataset)
-    x = normalize(data.train_x[:SAMPLES], *normalization(data.train_x, cfg["dataset"]["normalization"]))
+    # The surface is computed on a fixed random subset (seed 0) of the training images.
+    pick = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:SAMPLES]
+    x = normalize(data.train_x[pick], *normalization(data.train_x, cfg["dataset"]["normalization"]))
     with torch.no_grad():
-        direct = F.cross_entropy(model.eval()(x), data.train_y[:SAMPLES]).item()
+        direct = F.cross_entropy(model.eval()(x), data.train_y[pick]).item()
     with np.load(landscape / "landscape.npz") as z:
         loss, alphas, betas = z["loss"], z["alphas"], z["betas"]
     assert alphas[2] == betas[2] == 0.0
@@ -126,3 +128,24 @@ def test_the_files_are_the_grid_and_readable_pngs(landscape):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and min(image.shape[:2]) > 300 and image.std() > 0
+
+
+def test_the_fixed_subset_is_random_not_the_first_images_of_a_class_sorted_folder(run_dir, monkeypatch):
+    import dataclasses
+
+    import idmap.data
+    from idmap.landscape import training_images
+
+    real = idmap.data.load_dataset
+
+    def class_sorted(ds_cfg):  # as an image folder lists its images: class by class
+        d = real(ds_cfg)
+        order = torch.argsort(d.train_y, stable=True)
+        return dataclasses.replace(d, train_x=d.train_x[order], train_y=d.train_y[order])
+
+    monkeypatch.setattr(idmap.data, "load_dataset", class_sorted)
+    _, cfg = load_model(run_dir)
+    x, y = training_images(cfg, 64)
+    x2, y2 = training_images(cfg, 64)
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # fixed
+    assert len(y.unique()) == cfg["dataset"]["num_classes"]  # the first 64 would be one class

@@ -86,8 +86,9 @@ def loss_surface(model, x, y, directions, alphas, betas, batch: int = 512, progr
 
 
 def training_images(cfg: dict, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `samples` training images of a run's data set, normalised as the run normalised
-    them, without augmentation."""
+    """A fixed random subset of `samples` training images of a run's data set (the same for every
+    call), normalised as the run normalised them, without augmentation. Random, not the first N:
+    image folders list their images class by class."""
     from omegaconf import OmegaConf
 
     from idmap.data import load_dataset, normalization, normalize
@@ -95,17 +96,16 @@ def training_images(cfg: dict, samples: int) -> tuple[torch.Tensor, torch.Tensor
     ds_cfg = OmegaConf.create(cfg).dataset
     data = load_dataset(ds_cfg)
     mean, std = normalization(data.train_x, ds_cfg.normalization)
-    return normalize(data.train_x[:samples], mean, std), data.train_y[:samples]
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    pick = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:samples]
+    return normalize(data.train_x[pick], mean, std), data.train_y[pick]
 
 
 def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int = 2048, batch: int = 512,
                       seed: int = 0, device: str = "auto", progress=None) -> dict:
     """The surface around the model of a run directory or checkpoint file, with what made it."""
     from idmap.models import build_resnet
+
+    from idmap.trainer import resolve_device
 
     dev = resolve_device(device)
     state = load_checkpoint(path)
