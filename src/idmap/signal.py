@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _mean_norm(t: torch.Tensor) -> float:
-    return t.detach().float().flatten(1).norm(dim=1).mean().item()
+def _mean_norms(ts) -> list[float]:
+    """Mean per-sample L2 norm of each tensor, read back in one host sync."""
+    return torch.stack([t.detach().float().flatten(1).norm(dim=1).mean() for t in ts]).tolist()
 
 
 def unit_signals(model, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -60,8 +61,8 @@ def unit_signals(model, x: torch.Tensor, y: torch.Tensor) -> dict:
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
     return {
-        "activation_norm": [_mean_norm(t) for t in xs],
-        "gradient_norm": [_mean_norm(g) for g in grads],
+        "activation_norm": _mean_norms(xs),
+        "gradient_norm": _mean_norms(grads),
         "loss": loss.item() / len(y),
         "stage_starts": [l for l in range(len(xs) - 1) if xs[l].shape != xs[l + 1].shape],
     }
