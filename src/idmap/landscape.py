@@ -126,7 +126,7 @@ def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int 
         "started": start.isoformat(timespec="seconds"),
         "seconds": (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds(),
         "depth": cfg["model"]["depth"], "block": cfg["model"]["block"], "shortcut": cfg["shortcut"]["name"],
-        "dataset": cfg["dataset"]["name"],
+        "dataset": cfg["dataset"].get("label") or cfg["dataset"]["name"],  # e.g. "CIFAR-10 (JPEG copy)"
         "directions": "Li et al. 2018 filter-normalized Gaussian; 1-D parameters (BN, biases) fixed",
         "config": cfg,
     }
