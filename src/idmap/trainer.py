@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.checkpoint import CHECKPOINT, load_checkpoint, model_kwargs, save_checkpoint, write_json
+from idmap.checkpoint import (CHECKPOINT, atomic_write, load_checkpoint, model_kwargs, save_checkpoint,
+                              write_json)
 from idmap.models import build_resnet, count_parameters
 
 log = logging.getLogger("idmap")
@@ -448,8 +449,6 @@ def _mean(values):
 
 
 def _write_metrics(run_dir: Path, metrics: list[dict]) -> None:
-    from idmap.checkpoint import atomic_write
-
     # Rewritten whole (it is small) so that it is never half-written and, after a resume, holds
     # exactly the evaluations up to the checkpoint followed by the new ones.
     atomic_write(run_dir / METRICS, lambda f: f.writelines(json.dumps(m) + "\n" for m in metrics), mode="w")
