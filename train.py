@@ -19,9 +19,9 @@ sys.argv[1:] = quote_numeric_choices(sys.argv[1:])
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg):
-    from idmap.trainer import main as train_main
+    from idmap.launch import main as launch_main
 
-    return train_main(cfg)
+    return launch_main(cfg)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,16 @@
-"""scripts/bench.py: the throughput table, on a CPU in seconds; the speed switches on a GPU, where
+"""idmap.bench (scripts/bench.py): the throughput table, on a CPU in seconds; the speed switches on a GPU, where
 they must all run and compiled training must follow eager training."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, make_cfg
+from conftest import TINY, make_cfg
 
-from idmap.trainer import METRICS, train
+import idmap.bench as bench
+from idmap.rundir import METRICS
+from idmap.trainer import train
 
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("idmap_bench_script", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 # A ResNet-8 with narrow stages on 256 images: seconds per row on a loaded CPU.

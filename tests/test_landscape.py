@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from idmap.checkpoint import load_model, model_kwargs, save_checkpoint
+from idmap.checkpoint import load_model, save_checkpoint
+from idmap.models import model_kwargs
 from idmap.config import Config
 from idmap.data import load_dataset, normalization, normalize
 from idmap.landscape import filter_normalized_direction, grid, loss_surface

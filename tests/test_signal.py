@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from idmap.models import build_resnet
-from idmap.signal import log_signals, unit_signals
+from idmap.signals import log_signals, unit_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,53 +1,20 @@
-"""Files a run writes, written so that a kill at any instant leaves the previous version intact.
+"""The checkpoint file: run state in a format that cannot run code.
 
 Checkpoints hold tensors and plain containers only and are read with `weights_only=True`, so a
-checkpoint from elsewhere cannot run code.
+checkpoint from elsewhere cannot run code. What goes in them is TrainState's (state.py).
 """
 
 from __future__ import annotations
 
-import errno
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
 from idmap import IdmapError
-from idmap.models import SHORTCUT_DEFAULTS
+from idmap.rundir import atomic_write, checkpoint_path, write_json  # noqa: F401 (write_json: re-exported)
 
-CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files 0600; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise IdmapError(
-                f"disk full while writing {path}; the previous version of it is intact. "
-                "Free some space and continue with trainer.resume=true"
-            ) from exc
-        raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -59,9 +26,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
+    """The checkpoint of a run directory or checkpoint file."""
+    path = checkpoint_path(path)
     if not path.is_file():
         raise IdmapError(f"no checkpoint at {path}")
     try:
@@ -77,28 +43,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def model_kwargs(cfg: Any, num_classes: int) -> dict:
-    """build_resnet's arguments from a run config (an OmegaConf node or a plain dict)."""
-    m, s = cfg["model"], cfg["shortcut"]
-    return dict(
-        depth=m["depth"],
-        num_classes=num_classes,
-        block=m["block"],
-        shortcut=s["name"],
-        unit=m["unit"],
-        downsample=m["downsample"],
-        widths=list(m["widths"]) if m.get("widths") else None,
-        units_per_stage=list(m["units_per_stage"]) if m.get("units_per_stage") else None,
-        zero_init_residual=m["zero_init_residual"],
-        bn_batch=m.get("bn_batch"),
-        checkpointing=m.get("checkpointing", False),
-        **{k: s[k] for k in SHORTCUT_DEFAULTS},
-    )
-
-
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     """The trained model of a run directory or checkpoint file, and the run's config as a dict."""
-    from idmap.models import build_resnet
+    from idmap.models import build_resnet, model_kwargs
 
     state = load_checkpoint(path, map_location)
     cfg = state["config"]

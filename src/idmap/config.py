@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from idmap.models import SHORTCUT_DEFAULTS
+
 
 @dataclass
 class ModelConfig:
@@ -26,17 +28,20 @@ class ModelConfig:
     checkpointing: bool = False
 
 
+_S = SHORTCUT_DEFAULTS  # each shortcut option's default lives with its shortcut in models.py
+
+
 @dataclass
 class ShortcutConfig:
     """Figure 2 / table 1. Only the parameters of the chosen shortcut are read."""
 
     name: str = "identity"
-    shortcut_scale: float = 0.5  # constant_scaling: lambda on h(x)
-    residual_scale: float = 0.5  # constant_scaling: lambda on F(x)
-    gate_bias: float = -6.0  # exclusive_gating, shortcut_only_gating: initial b_g
-    gate_bn: bool = False  # UNVERIFIED in the paper: BN after the gate's 1x1 conv
-    dropout_p: float = 0.5  # dropout
-    dropout_rescale: bool = True  # UNVERIFIED: Caffe's dropout scales kept values by 1/(1-p)
+    shortcut_scale: float = _S["shortcut_scale"]  # constant_scaling: lambda on h(x)
+    residual_scale: float = _S["residual_scale"]  # constant_scaling: lambda on F(x)
+    gate_bias: float = _S["gate_bias"]  # exclusive_gating, shortcut_only_gating: initial b_g
+    gate_bn: bool = _S["gate_bn"]  # UNVERIFIED in the paper: BN after the gate's 1x1 conv
+    dropout_p: float = _S["dropout_p"]  # dropout
+    dropout_rescale: bool = _S["dropout_rescale"]  # UNVERIFIED: Caffe scales kept values by 1/(1-p)
 
 
 @dataclass

@@ -12,16 +12,22 @@ direction, as Li et al. do ("ignore BN"). BN runs in eval mode with theta*'s run
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from idmap.checkpoint import atomic_write, load_checkpoint, model_kwargs
+from idmap import IdmapError
+from idmap.checkpoint import load_checkpoint
+from idmap.evaluation import evaluate
+from idmap.models import build_resnet, model_kwargs
+from idmap.rundir import atomic_write
+from idmap.runtime import resolve_device
 
 
 def filter_normalized_direction(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -48,18 +54,6 @@ def grid(points: int, extent: float) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
-    """(mean cross-entropy, accuracy) over x in chunks of `batch`, as a tensor on x's device."""
-    totals = torch.zeros(2, device=x.device, dtype=torch.float64)
-    for i in range(0, len(y), batch):
-        out = model(x[i : i + batch]).float()
-        yb = y[i : i + batch]
-        totals += torch.stack([F.cross_entropy(out, yb, reduction="sum").double(),
-                               (out.argmax(1) == yb).sum().double()])
-    return totals / len(y)
-
-
-@torch.no_grad()
 def loss_surface(model, x, y, directions, alphas, betas, batch: int = 512, progress=None):
     """loss[i, j], accuracy[i, j] = f(alphas[i], betas[j]) as numpy arrays. Parameters are set in
     place on the one model and restored to theta* afterwards; x and y stay on their device."""
@@ -75,14 +69,14 @@ def loss_surface(model, x, y, directions, alphas, betas, batch: int = 512, progr
                         p.add_(d, alpha=float(a))
                     if b:
                         p.add_(e, alpha=float(b))
-                out[i, j] = evaluate(model, x, y, batch)
+                out[i, j] = evaluate(model, x, y, batch).means()
             if progress:
                 progress(i + 1, len(alphas))
     finally:
         for p, theta, _, _ in moved:
             p.copy_(theta)
     out = out.cpu().numpy()
-    return out[..., 0], out[..., 1]
+    return out[..., 0], 1.0 - out[..., 1]
 
 
 def training_images(cfg: dict, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +97,6 @@ def training_images(cfg: dict, samples: int) -> tuple[torch.Tensor, torch.Tensor
 def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int = 2048, batch: int = 512,
                       seed: int = 0, device: str = "auto", progress=None) -> dict:
     """The surface around the model of a run directory or checkpoint file, with what made it."""
-    from idmap.models import build_resnet
-
-    from idmap.trainer import resolve_device
-
     dev = resolve_device(device)
     state = load_checkpoint(path)
     cfg = state["config"]
@@ -198,3 +188,40 @@ def read_landscape(path: str | Path) -> dict:
         result = {k: z[k] for k in ("alphas", "betas", "loss", "accuracy")}
         result["meta"] = json.loads(str(z["meta"]))
     return result
+
+
+def main(argv=None) -> int:
+    """`scripts/landscape.py` / `idmap-landscape`."""
+    p = argparse.ArgumentParser(description="Loss landscape around a trained run (Li et al. 2018).")
+    p.add_argument("path", type=Path, help="run directory or checkpoint file")
+    p.add_argument("--grid", type=int, default=21, help="points per axis (odd: the centre is theta* itself)")
+    p.add_argument("--range", type=float, default=1.0, dest="extent", help="alpha, beta in [-range, range]")
+    p.add_argument("--samples", type=int, default=2048, help="a fixed random subset of N training images")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="seed of the two random directions")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--vmax", type=float, default=10.0, help="loss at which the plots stop (Li et al.: 10)")
+    p.add_argument("-o", "--out", type=Path, help="output folder (default: RUN_DIR/landscape)")
+    args = p.parse_args(argv)
+    if args.grid < 2:
+        p.error("--grid must be at least 2")
+    out = args.out or (args.path if args.path.is_dir() else args.path.parent) / "landscape"
+
+    def progress(done, total):
+        print(f"\rrow {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    try:
+        result = compute_landscape(args.path, args.grid, args.extent, args.samples, args.batch,
+                                   args.seed, args.device, progress)
+        paths = write_landscape(result, out, args.vmax)
+    except IdmapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    c = args.grid // 2
+    centre = f"f(0, 0) = {result['loss'][c, c]:.4f}, " if args.grid % 2 else ""
+    meta = result["meta"]
+    print(f"{centre}min {result['loss'].min():.4f}, max {result['loss'].max():.4f} "
+          f"({meta['seconds']:.0f} s on {meta['device']})")
+    for path in paths:
+        print(path)
+    return 0

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute
 
 
 # --------------------------------------------------------------------------------------------------
@@ -99,6 +99,12 @@ def _projection(in_ch: int, out_ch: int, stride: int, bn: bool, bn_batch: int | 
 
 
 class Identity(nn.Module):
+    """h(x) = x: x_{l+1} = x + F(x)."""
+
+    defaults: dict = {}
+    gated = False  # takes a gate g(x) (the gating shortcuts)
+    always_project = False  # `down` is a 1x1 convolution in every unit, not only where shapes change
+
     def __init__(self, down: nn.Module):
         super().__init__()
         self.down = down
@@ -108,6 +114,8 @@ class Identity(nn.Module):
 
 
 class ConstantScaling(Identity):
+    defaults = dict(shortcut_scale=0.5, residual_scale=0.5)  # lambda on h(x) and on F(x)
+
     def __init__(self, down, shortcut_scale: float, residual_scale: float):
         super().__init__(down)
         self.shortcut_scale, self.residual_scale = shortcut_scale, residual_scale
@@ -129,7 +137,14 @@ class _Gate(nn.Module):
         return torch.sigmoid(self.bn(self.conv(x)))
 
 
+# b_g's initial value; gate_bn (BN after the gate's 1x1 conv) is UNVERIFIED in the paper.
+_GATE_DEFAULTS = dict(gate_bias=-6.0, gate_bn=False)
+
+
 class ExclusiveGating(Identity):
+    defaults = _GATE_DEFAULTS
+    gated = True
+
     def __init__(self, down, gate: _Gate):
         super().__init__(down)
         self.gate = gate
@@ -147,8 +162,13 @@ class ShortcutOnlyGating(ExclusiveGating):
 class Conv1x1(Identity):
     """A 1x1 convolution on every shortcut: `down` is that convolution, in every unit."""
 
+    always_project = True
+
 
 class DropoutShortcut(Identity):
+    # dropout_rescale is UNVERIFIED: Caffe's dropout scales kept values by 1/(1-p).
+    defaults = dict(dropout_p=0.5, dropout_rescale=True)
+
     def __init__(self, down, dropout_p: float, dropout_rescale: bool):
         super().__init__(down)
         self.p, self.rescale = dropout_p, dropout_rescale
@@ -163,46 +183,32 @@ class DropoutShortcut(Identity):
         return h + f
 
 
-SHORTCUTS = (
-    "identity",
-    "constant_scaling",
-    "exclusive_gating",
-    "shortcut_only_gating",
-    "conv1x1",
-    "dropout",
-)
+# Figure 2's shortcuts by name; each class carries its options' defaults, the rows the paper
+# reports numbers for. The config schema takes its defaults from here.
+SHORTCUTS = {
+    "identity": Identity,
+    "constant_scaling": ConstantScaling,
+    "exclusive_gating": ExclusiveGating,
+    "shortcut_only_gating": ShortcutOnlyGating,
+    "conv1x1": Conv1x1,
+    "dropout": DropoutShortcut,
+}
+SHORTCUT_DEFAULTS = {k: v for kind in SHORTCUTS.values() for k, v in kind.defaults.items()}
 
 
 def _make_shortcut(name, in_ch, out_ch, stride, downsample, proj_bn, bn_batch, opts) -> nn.Module:
+    kind = SHORTCUTS[name]
     changes_shape = stride != 1 or in_ch != out_ch
-    if name == "conv1x1":
-        return Conv1x1(_projection(in_ch, out_ch, stride, proj_bn, bn_batch))
-    if not changes_shape:
-        down = nn.Identity()
-    elif downsample == "zero_pad":
+    if kind.always_project or (changes_shape and downsample == "projection"):
+        down = _projection(in_ch, out_ch, stride, proj_bn, bn_batch)
+    elif changes_shape:
         down = ZeroPad(in_ch, out_ch, stride)
     else:
-        down = _projection(in_ch, out_ch, stride, proj_bn, bn_batch)
-    if name == "identity":
-        return Identity(down)
-    if name == "constant_scaling":
-        return ConstantScaling(down, opts["shortcut_scale"], opts["residual_scale"])
-    if name in ("exclusive_gating", "shortcut_only_gating"):
-        gate = _Gate(in_ch, out_ch, stride, opts["gate_bias"], opts["gate_bn"], bn_batch)
-        return (ExclusiveGating if name == "exclusive_gating" else ShortcutOnlyGating)(down, gate)
-    if name == "dropout":
-        return DropoutShortcut(down, opts["dropout_p"], opts["dropout_rescale"])
-    raise ValueError(f"unknown shortcut {name!r}; choose from {', '.join(SHORTCUTS)}")
-
-
-SHORTCUT_DEFAULTS = dict(
-    shortcut_scale=0.5,
-    residual_scale=0.5,
-    gate_bias=-6.0,
-    gate_bn=False,
-    dropout_p=0.5,
-    dropout_rescale=True,
-)
+        down = nn.Identity()
+    kwargs = {k: opts[k] for k in kind.defaults}
+    if kind.gated:
+        return kind(down, _Gate(in_ch, out_ch, stride, kwargs["gate_bias"], kwargs["gate_bn"], bn_batch))
+    return kind(down, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +278,7 @@ class ResNet(nn.Module):
         x = self.stem(x)
         for unit in self.units:
             if self.checkpointing and self.training and x.requires_grad:
-                x = checkpoint(unit, x, use_reentrant=False,
+                x = recompute(unit, x, use_reentrant=False,
                                context_fn=lambda u=unit: (contextlib.nullcontext(), _bn_stats_frozen(u)))
             else:
                 x = unit(x)
@@ -421,8 +427,28 @@ def _init(model: ResNet, zero_init_residual: bool) -> None:
             nn.init.zeros_(last.weight)
 
 
+def model_kwargs(cfg: Any, num_classes: int) -> dict:
+    """build_resnet's arguments from a run config (an OmegaConf node or a plain dict)."""
+    m, s = cfg["model"], cfg["shortcut"]
+    return dict(
+        depth=m["depth"],
+        num_classes=num_classes,
+        block=m["block"],
+        shortcut=s["name"],
+        unit=m["unit"],
+        downsample=m["downsample"],
+        widths=list(m["widths"]) if m.get("widths") else None,
+        units_per_stage=list(m["units_per_stage"]) if m.get("units_per_stage") else None,
+        zero_init_residual=m["zero_init_residual"],
+        bn_batch=m.get("bn_batch"),
+        checkpointing=m.get("checkpointing", False),
+        **{k: s[k] for k in SHORTCUT_DEFAULTS},
+    )
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["build_resnet", "ORDERINGS", "SHORTCUTS", "UNITS", "auto_unit", "count_parameters", "ResNet"]
+__all__ = ["build_resnet", "model_kwargs", "ORDERINGS", "SHORTCUTS", "SHORTCUT_DEFAULTS", "UNITS", "auto_unit",
+           "count_parameters", "ResNet"]

@@ -1,0 +1,200 @@
+"""The run directory: the one module that knows its file names and how each is written and read.
+
+    <run>/.hydra/config.yaml    the composed config (Hydra writes it)
+    <run>/summary.json          status and headline numbers (SUMMARY)
+    <run>/metrics.jsonl         one object per evaluation (METRICS)
+    <run>/checkpoint.pt         run state (CHECKPOINT; format in checkpoint.py)
+    <run>/events.out.tfevents.* TensorBoard
+
+Every file is written atomically (temporary file, fsync, rename), so a kill at any instant leaves
+the previous version intact. Readers (report, plots, landscape, signals, evaluation) come here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from idmap import IdmapError
+
+SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint.pt"
+HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+_MARKERS = (SUMMARY, METRICS, ".hydra")  # any of these makes a folder a run directory
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files 0600; give them the usual mode
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise IdmapError(
+                f"disk full while writing {path}; the previous version of it is intact. "
+                "Free some space and continue with trainer.resume=true"
+            ) from exc
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, default=str), mode="w")
+
+
+def write_metrics(run_dir: Path, metrics: list[dict]) -> None:
+    # Rewritten whole (it is small) so that it is never half-written and, after a resume, holds
+    # exactly the evaluations up to the checkpoint followed by the new ones.
+    atomic_write(Path(run_dir) / METRICS, lambda f: f.writelines(json.dumps(m) + "\n" for m in metrics), mode="w")
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def update_summary(run_dir: Path, **fields) -> None:
+    """Sets `fields` in summary.json, keeping what an unreadable or absent one cannot give."""
+    path = Path(run_dir) / SUMMARY
+    try:
+        summary = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        summary = {}
+    write_json(path, {**(summary if isinstance(summary, dict) else {}), **fields})
+
+
+def git_commit() -> str | None:
+    """This checkout's commit, "-dirty" when tracked files differ from it; None outside git."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if sha.returncode:
+        return None
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# TensorBoard: the paper's figures 1 and 6 draw train error (dashed) and test error (solid) on one
+# chart; custom scalars put both tags of a run on one chart (TensorBoard draws every line solid),
+# and with several runs loaded each run's pair overlays the others', coloured by run.
+SCALARS = [("error/train", "train_error"), ("error/test", "test_error"), ("loss/train", "train_loss"),
+           ("loss/test", "test_loss"), ("lr", "lr"), ("throughput/images_per_sec", "images_per_sec")]
+LAYOUT = {"paper (figures 1 and 6)": {"error (%): train and test": ["error/train", "error/test"],
+                                      "loss: train and test": ["loss/train", "loss/test"]}}
+
+
+class RunLog:
+    """Rank 0's writer of a run's logs: metrics.jsonl and TensorBoard events."""
+
+    def __init__(self, run_dir: Path, hparams: dict, metrics: list[dict], start_it: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir = Path(run_dir)
+        # purge_step drops events a killed run logged after its last checkpoint.
+        self.writer = SummaryWriter(str(self.dir), purge_step=start_it if start_it else None)
+        if not start_it:
+            self._write_header(hparams)
+        write_metrics(self.dir, metrics)
+
+    def _write_header(self, hparams: dict) -> None:
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        for s in hparams_summary(hparams, {"error/test": 0.0, "error/train": 0.0, "hparam/final_test_error": 0.0}):
+            self.writer.file_writer.add_summary(s)
+        self.writer.add_custom_scalars({
+            category: {title: ["Multiline", tags] for title, tags in charts.items()}
+            for category, charts in LAYOUT.items()})
+
+    def evaluation(self, metrics: list[dict]) -> None:
+        """The latest of `metrics` is new: rewrite the file, log its scalars."""
+        write_metrics(self.dir, metrics)
+        entry = metrics[-1]
+        for tag, key in SCALARS:
+            self.writer.add_scalar(tag, entry[key], entry["iteration"])
+        self.writer.flush()
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        self.writer.add_scalar(tag, value, step)
+
+    def close(self, summary: dict) -> None:
+        final = summary["final_test_error"]
+        self.writer.add_scalar("hparam/final_test_error", math.nan if final is None else final,
+                               summary["iterations"])
+        self.writer.close()
+        write_summary(self.dir, summary)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+def is_run_dir(path: Path) -> bool:
+    return any((Path(path) / name).exists() for name in _MARKERS)
+
+
+def run_dirs(dirs: Iterable[Path]) -> Iterator[Path]:
+    """Every run directory under `dirs`: one with a summary.json, or one the trainer or Hydra
+    started (metrics.jsonl or .hydra/) that may lack it."""
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise FileNotFoundError(f"not a directory: {d}")
+        candidates = {d} | {p.parent for name in _MARKERS for p in d.rglob(name)}
+        yield from sorted(c for c in candidates if is_run_dir(c))
+
+
+def read_summary(run_dir: Path) -> dict:
+    """summary.json as a dict; ValueError with a one-line reason when missing or unreadable."""
+    try:
+        s = json.loads((Path(run_dir) / SUMMARY).read_text())
+    except FileNotFoundError:
+        raise ValueError("no summary.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable summary.json ({e})") from None
+    if not isinstance(s, dict) or not isinstance(s.get("status"), str):
+        raise ValueError("summary.json has no status")
+    return s
+
+
+def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """The evaluations of one run; a torn last line (a run still writing) is skipped."""
+    rows = []
+    for line in (Path(run_dir) / METRICS).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if warn:
+                warn(f"{run_dir}/{METRICS}: skipped an unreadable line")
+    return [r for r in rows if isinstance(r, dict) and "iteration" in r]
+
+
+def has_metrics(run_dir: Path) -> bool:
+    return (Path(run_dir) / METRICS).exists()
+
+
+def checkpoint_path(path: Path) -> Path:
+    """A run directory's checkpoint, or `path` itself when it names a file."""
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
+
+
+def hydra_config_path(run_dir: Path) -> Path:
+    return Path(run_dir) / HYDRA_CONFIG

@@ -1,0 +1,76 @@
+"""Where and how a process computes: the device, the backend's numeric flags, and the signals that
+ask a run to stop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+from idmap import IdmapError
+
+log = logging.getLogger("idmap")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the GPU when there is one. In a process group each process trains on the GPU
+    launch.py set as its current one (its local rank)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise IdmapError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu")
+    if name == "cuda" or (name.startswith("cuda") and dist.is_initialized()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def configure(trainer, seed: int) -> None:
+    """Numeric flags and the seed, before anything is built."""
+    if trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # fp32 means fp32: cuDNN would otherwise use TF32 for convolutions by default.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = trainer.precision == "tf32"
+    torch.backends.cudnn.benchmark = not trainer.deterministic
+    torch.manual_seed(seed)
+
+
+# SIGUSR2 is how submitit/SLURM announce a timeout or preemption shortly before they kill the job.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR2") if hasattr(signal, name))
+
+
+class StopFlag:
+    """SIGTERM/SIGINT/SIGUSR2 (preemption, Ctrl-C) only set a flag: the loop checkpoints at the next
+    iteration boundary and exits, so no step is half-applied."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # a second signal: the user insists
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: checkpointing at the next iteration", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after checkpointing."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum

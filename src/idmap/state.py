@@ -1,0 +1,142 @@
+"""Run state: everything a run needs to continue exactly where it stopped, saved and restored by
+one object, so the checkpoint's writer and reader cannot disagree on a key."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from idmap import IdmapError
+from idmap.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("idmap")
+
+
+class RunExists(IdmapError):
+    """The run directory holds another run: refused before anything in it is touched."""
+
+
+class BatchStream:
+    """Shuffled passes over the data set, back to back. Every batch is full (static shapes for
+    compile and CUDA graphs) and every image is seen once per epoch: a batch that crosses an epoch
+    boundary takes the rest of one permutation and the start of the next, as Caffe's data layer."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.g = n, generator
+        self.perm, self.pos = self._shuffle(), 0
+
+    def _shuffle(self) -> torch.Tensor:
+        return torch.randperm(self.n, generator=self.g, device=self.g.device)
+
+    def next(self, size: int) -> torch.Tensor:
+        parts = []
+        while size:
+            take = min(size, self.n - self.pos)
+            parts.append(self.perm[self.pos : self.pos + take])
+            self.pos, size = self.pos + take, size - take
+            if self.pos == self.n:
+                self.perm, self.pos = self._shuffle(), 0
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm.cpu(), "pos": self.pos, "generator": self.g.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm, self.pos = state["perm"].to(self.g.device), state["pos"]
+        self.g.set_state(state["generator"])
+
+
+# Settings a resumed run may change: how it runs, not what it computes.
+RESUMABLE = {"trainer": {"max_iters", "epochs", "eval_every", "eval_batch_size", "checkpoint_every",
+                         "log_every", "device", "resume", "progress", "signal_every", "world_size",
+                         "precision", "channels_last", "compile", "deterministic"},
+             "dataset": {"root", "download", "label"}, "gpu_pool": None, "tags": None}
+
+
+def settings_changed(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every setting that differs between a checkpoint's run and this one."""
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        free = RESUMABLE.get(section, set())
+        if free is None or a == b:
+            continue
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            out.append(f"{section}: {a} -> {b}")
+            continue
+        out += [f"{section}.{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
+                if k not in free and a.get(k) != b.get(k)]
+    return out
+
+
+@dataclass
+class TrainState:
+    """The model (unwrapped), optimizer, data order, RNG, the loss/mistake sums since the last
+    evaluation, and the run's history. `config` is the resolved run config, kept with the weights
+    so that a checkpoint alone rebuilds its model and refuses other settings."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: BatchStream
+    sums: torch.Tensor  # float64 [loss sum, mistakes] since the last evaluation, on the device
+    config: dict
+    num_classes: int
+    iteration: int = 0
+    elapsed: float = 0.0  # training seconds before this process started
+    best_test_error: float | None = None
+    metrics: list[dict] = field(default_factory=list)
+
+    def state_dict(self, sums: torch.Tensor | None = None) -> dict:
+        """`sums`: all ranks' sums when several processes train (default: this process's)."""
+        device = self.sums.device
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "iteration": self.iteration, "stream": self.stream.state_dict(),
+            "sums": (self.sums if sums is None else sums).cpu(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "elapsed": self.elapsed, "best_test_error": self.best_test_error, "metrics": self.metrics,
+            "config": self.config, "num_classes": self.num_classes,
+        }
+
+    def load_state_dict(self, state: dict, with_sums: bool = True) -> None:
+        """`with_sums`: false on all ranks but 0, since the saved sums are all ranks' together."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["stream"])
+        if with_sums:
+            self.sums.copy_(state["sums"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.sums.device.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.sums.device)
+        self.iteration, self.elapsed = state["iteration"], state["elapsed"]
+        self.best_test_error = state["best_test_error"]
+        self.metrics = [m for m in state["metrics"] if m["iteration"] <= self.iteration]
+
+    def save(self, path: Path, sums: torch.Tensor | None = None) -> None:
+        save_checkpoint(path, self.state_dict(sums))
+
+    def resume_from(self, path: Path, resume: bool, rank: int = 0) -> None:
+        """Continue the run checkpointed at `path` if there is one. Refuses (RunExists) to touch a
+        run without `resume`, or one whose checkpoint was trained with other settings."""
+        if not path.exists():
+            if resume and rank == 0:
+                log.info("trainer.resume is set but %s has no checkpoint: starting afresh", path.parent)
+            return
+        if not resume:
+            raise RunExists(
+                f"{path.parent} already holds a checkpoint; continue it with trainer.resume=true "
+                f"(and the same hydra.run.dir), or choose another run directory"
+            )
+        state = load_checkpoint(path, map_location=self.sums.device)
+        changed = settings_changed(state["config"], self.config)
+        if changed:
+            raise RunExists(
+                f"{path} was trained with other settings ({'; '.join(changed)}); resume with the "
+                f"run's own settings (summary.json's 'config') or choose another run directory"
+            )
+        self.load_state_dict(state, with_sums=rank == 0)
+        if rank == 0:
+            log.info("resuming %s at iteration %d", path.parent, self.iteration)
