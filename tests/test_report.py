@@ -1,10 +1,9 @@
-"""scripts/report.py and scripts/plot_curves.py on small run directories made here.
+"""scripts/report.py (idmap.report) on small run directories made here.
 
 Every summary.json and metrics.jsonl in this file is a made-up test fixture, not a result.
 """
 
 import csv
-import importlib.util
 import json
 import math
 import statistics
@@ -13,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from idmap.paper import FAIL, TABLES
-from idmap.report import Line, group, load_runs, main
+from idmap.report import Line, baseline_name, baseline_rows, group, main, network, variant
+from idmap.runs import depth_option, load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE2_ORIGINAL_110 = {"experiment": "table2", "block": "original", "depth": "110",
@@ -22,17 +22,27 @@ _counter = iter(range(10**6))
 
 
 def fake_run(root: Path, choices: dict, error=None, status="completed", label="CIFAR-10",
-             seed=1, max_iters=64000, metrics=None) -> Path:
-    """Writes a made-up run directory in the trainer's format (fixture data, not a result)."""
+             seed=1, max_iters=64000, metrics=None, built=None) -> Path:
+    """Writes a made-up run directory in the trainer's format (fixture data, not a result);
+    `built`: the summary's record of the model built (built_model), absent as in older ones."""
     d = root / f"fake_{next(_counter)}"
     (d / ".hydra").mkdir(parents=True)
     summary = {"status": status, "final_test_error": error, "best_test_error": error,
                "iterations": max_iters, "max_iters": max_iters, "seed": seed,
-               "dataset": {"name": "cifar10", "label": label}, "choices": choices, "tags": {}}
+               "dataset": {"name": "cifar10", "label": label}, "choices": choices, "tags": {},
+               **(built or {})}
     (d / "summary.json").write_text(json.dumps(summary))
     if metrics is not None:
         (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     return d
+
+
+def built_model(block: str, depth: int = 110, unit: str = "basic", shortcut: str = "identity",
+                configured_unit: str = "auto") -> dict:
+    """summary.json's record of what the trainer built (trainer.new_summary), fixture data."""
+    return {"model": {"depth": depth, "unit": unit, "block": block, "downsample": "conv1x1"},
+            "shortcut": {"name": shortcut},
+            "config": {"model": {"depth": depth, "unit": configured_unit, "block": block}}}
 
 
 def table1(row: str, shortcut: str) -> dict:
@@ -245,33 +255,180 @@ def test_line_without_runs_has_no_statistics():
     assert (line.median, line.mean, line.std, line.fails, line.flag) == (None, None, None, 0, "")
 
 
-def _plot_curves():
-    spec = importlib.util.spec_from_file_location("plot_curves", ROOT / "scripts" / "plot_curves.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# Whether two rows differ (issue 14); the statistics themselves are specified in test_stats.py.
+
+OLD_CSV_COLUMNS = ["table", "row", "case", "data", "paper_data", "protocol", "max_iters", "paper",
+                   "median", "mean", "std", "finished", "runs", "fails", "flag"]
 
 
-def test_plot_curves_writes_a_png(tmp_path, capsys):
-    import matplotlib.pyplot as plt
+def test_csv_appends_the_comparison_after_the_old_columns(tmp_path, capsys):
+    pairs = [(6.9, 6.0), (7.0, 6.1), (7.1, 5.9), (7.05, 6.05), (6.95, 5.95)]
+    for seed, (a, b) in enumerate(pairs, 1):
+        fake_run(tmp_path, TABLE2_ORIGINAL_110, a, seed=seed)
+        fake_run(tmp_path, {**TABLE2_ORIGINAL_110, "block": "full_preact"}, b, seed=seed)
+    report(capsys, tmp_path, "--table", "table2", "--csv", tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as f:
+        header = next(csv.reader(f))
+        f.seek(0)
+        records = {r["row"]: r for r in csv.DictReader(f)}
+    assert header == OLD_CSV_COLUMNS + ["median_lo", "median_hi", "median_coverage", "baseline",
+                                        "diff", "diff_lo", "diff_hi", "p_value", "verdict"]
+    base, full = records["original/110"], records["full_preact/110"]
+    assert (base["baseline"], base["diff"], base["verdict"]) == ("original/110", "", "baseline")
+    assert (float(base["median_lo"]), float(base["median_hi"])) == (6.9, 7.1)
+    assert float(base["median_coverage"]) == pytest.approx(0.9375)
+    assert float(full["diff"]) == pytest.approx(-1.0)
+    assert float(full["diff_lo"]) <= -1.0 <= float(full["diff_hi"])
+    assert float(full["p_value"]) == pytest.approx(2 / 252) and full["verdict"] == "better"
+    assert records["original/164"]["verdict"] == records["original/164"]["p_value"] == ""
 
-    def curve(final):
-        return [{"iteration": i, "epoch": i / 391, "train_error": final + 40 / (1 + i / 100) - 2,
-                 "test_error": final + 40 / (1 + i / 100)} for i in range(0, 2001, 500)]
 
-    for seed in (1, 2):
-        fake_run(tmp_path, TABLE2_ORIGINAL_110, 7.0, seed=seed, metrics=curve(7.0))
-    fake_run(tmp_path, {**TABLE2_ORIGINAL_110, "block": "full_preact"}, 6.0, metrics=curve(6.0))
-    out = tmp_path / "curves.png"
-    assert _plot_curves().main([str(tmp_path), "-o", str(out)]) == 0
-    assert "3 runs" in capsys.readouterr().out
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    image = plt.imread(out)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+def test_baseline_option_chooses_the_row_compared_with(tmp_path, capsys):
+    for seed in (1, 2, 3):
+        fake_run(tmp_path, TABLE2_ORIGINAL_110, 6.6 + seed / 10, seed=seed)
+        fake_run(tmp_path, {**TABLE2_ORIGINAL_110, "block": "full_preact"}, 6.3 + seed / 10,
+                 seed=seed)
+    code, out, _ = report(capsys, tmp_path, "--table", "table2", "--baseline", "full_preact/110")
+    assert code == 0 and "| Δ median vs full_preact/110 [95%] |" in out
+    assert md_row(out, "full_preact/110")[14] == "baseline"
+    assert md_row(out, "original/110")[12].startswith("+0.30")
+    # 3 vs 3 seeds, fully separated: p = 2 / 20 is the best there is
+    assert md_row(out, "original/110")[14] == (
+        "no difference shown at 3 seeds (p cannot go below 0.1)")
+    code, _, err = report(capsys, tmp_path, "--table", "table2", "--baseline", "nonsense")
+    assert code == 2 and "--baseline nonsense" in err
 
 
-def test_plot_legend_names_what_differs_between_runs():
-    labels = _plot_curves().legend_labels([
-        {"block": "original", "depth": "110"}, {"block": "full_preact", "depth": "110"},
-        {"block": "original", "depth": "110"}])
-    assert labels == ["block=original", "block=full_preact", "block=original"]
+def test_rows_are_compared_only_within_one_setting(tmp_path, capsys):
+    fake_run(tmp_path, TABLE2_ORIGINAL_110, 6.6)
+    fake_run(tmp_path, {**TABLE2_ORIGINAL_110, "block": "full_preact"}, 60.0, label="synthetic")
+    fake_run(tmp_path, {**TABLE2_ORIGINAL_110, "block": "full_preact"}, 6.4, max_iters=2000)
+    lines = lines_of(tmp_path)
+    assert lines[("original/110", "CIFAR-10")].verdict == "baseline"
+    assert lines[("full_preact/110", "synthetic")].comparison is None  # no original/110 on it
+    _, out, _ = report(capsys, tmp_path, "--table", "table2")
+    assert "no two rows that the paper orders both have runs of one setting" in out
+
+
+# Issue 12: a run is reported as the model it built, not as its Hydra group choices.
+
+def test_a_run_is_reported_as_the_block_it_built_and_the_disagreement_warned(tmp_path, capsys):
+    # `train.py +experiment=table2 block=full_preact model.block=original`: the block choice stays
+    # full_preact, the model built is original.
+    chosen = {**TABLE2_ORIGINAL_110, "block": "full_preact"}
+    run = fake_run(tmp_path, chosen, 6.7, built=built_model("original"))
+    code, out, err = report(capsys, tmp_path, "--table", "table2")
+    assert code == 0
+    assert md_row(out, "original/110")[6] == "6.70" and md_row(out, "original/110")[8] == "1/1"
+    assert md_row(out, "full_preact/110")[8] == "0/0"
+    assert (f"warning: {run}: block choice full_preact but the model built was original; "
+            "reported as original") in err
+
+
+def test_a_run_is_reported_as_the_depth_and_shortcut_it_built(tmp_path, capsys):
+    deeper = fake_run(tmp_path, TABLE2_ORIGINAL_110, 6.0,
+                      built=built_model("original", 164, "bottleneck"))  # model.depth=164
+    fake_run(tmp_path, TABLE2_ORIGINAL_110, 7.0,  # model.unit=bottleneck: no network of the paper
+             built=built_model("original", 110, "bottleneck", configured_unit="bottleneck"))
+    fake_run(tmp_path, TABLE2_ORIGINAL_110, 7.5, built=built_model("original", shortcut="conv1x1"))
+    runs, problems = load_runs([tmp_path])
+    assert sorted(r.choices["depth"] for r in runs) == ["110", "110_bottleneck", "164"]
+    assert (f"{deeper}: depth choice 110 but the model built was ResNet-164 of bottleneck units; "
+            "reported as 164") in problems
+    assert any("shortcut choice identity but the model built was conv1x1" in p for p in problems)
+    code, out, err = report(capsys, tmp_path, "--table", "table2")
+    assert code == 0
+    assert md_row(out, "original/164")[6] == "6.00" and md_row(out, "original/110")[8] == "0/0"
+    assert "2 runs are no row of table2" in err
+
+
+def test_a_run_that_built_its_choices_is_not_warned_about(tmp_path):
+    fake_run(tmp_path, TABLE2_ORIGINAL_110, 6.6, built=built_model("original"))
+    fake_run(tmp_path, {**TABLE2_ORIGINAL_110, "depth": "164"}, 5.9,  # auto: bottleneck
+             built=built_model("original", 164, "bottleneck"))
+    table3 = {"experiment": "table3", "table3": "cifar10_110_1layer", "block": "full_preact",
+              "depth": "110_1layer", "shortcut": "identity", "dataset": "cifar10"}
+    fake_run(tmp_path, table3, 9.0, built=built_model("full_preact", 110, "single", "identity",
+                                                       configured_unit="single"))
+    runs, problems = load_runs([tmp_path])
+    assert problems == [] and len(runs) == 3
+    assert lines_of(tmp_path)[("original/164", "CIFAR-10")].median == 5.9
+    one_layer = lines_of(tmp_path, "table3")[("cifar10_110_1layer/full_preact", "CIFAR-10")]
+    assert one_layer.median == 9.0
+
+
+def test_depth_option_names_the_conf_depth_option_that_builds_a_network():
+    assert depth_option(110, "basic") == "110"  # the paper's unit, checked with models.auto_unit
+    assert depth_option(164, "bottleneck", "auto") == "164"
+    assert depth_option(110, "single", "single") == "110_1layer"
+    assert depth_option(164, "basic", "basic") == "164_basic"  # not the paper's ResNet-164
+
+
+# Rows are compared only with rows of the same network (table 2: depth; table 3: data and network).
+
+def test_networks_and_default_baselines_of_every_table():
+    t2, t3 = TABLES["table2"], TABLES["table3"]
+    assert network(t2.row("full_preact/164")) == "164" and variant(t2.row("full_preact/164")) == (
+        "full_preact")
+    assert network(t3.row("cifar100_1001/original")) == "cifar100_1001"
+    assert {n: r.key for n, r in baseline_rows(t2).items()} == {
+        "110": "original/110", "164": "original/164"}
+    assert {r.key for r in baseline_rows(t3).values()} == {f"{o}/original" for o in (
+        "cifar10_110_1layer", "cifar10_110", "cifar10_164", "cifar10_1001", "cifar100_164",
+        "cifar100_1001")}
+    for name in ("table1", "resnet20_ablation"):  # one network each: the table's first row
+        assert {n: r.key for n, r in baseline_rows(TABLES[name]).items()} == {
+            "": TABLES[name].rows[0].key}
+    assert baseline_name(t2) == "original/<depth>" and baseline_name(t3) == "<table3>/original"
+    assert baseline_name(t2, "full_preact") == "full_preact/<depth>"
+    assert baseline_name(t2, "full_preact/110") == "full_preact/110"
+    assert baseline_rows(TABLES["resnet20_ablation"], "original")[""].key == "original"
+    assert baseline_rows(t2, "nonsense") == {}
+
+
+def _two_depths(tmp_path):
+    """original and full pre-act at both depths of table 2, five made-up seeds each."""
+    for block, depth, centre in (("original", "110", 7.0), ("full_preact", "110", 6.0),
+                                 ("original", "164", 6.5), ("full_preact", "164", 5.5)):
+        for seed in range(1, 6):
+            fake_run(tmp_path, {**TABLE2_ORIGINAL_110, "block": block, "depth": depth},
+                     centre + seed / 50, seed=seed)
+
+
+def test_table2_rows_are_compared_with_the_original_unit_of_their_depth(tmp_path, capsys):
+    _two_depths(tmp_path)
+    lines = lines_of(tmp_path)
+    assert lines[("full_preact/164", "CIFAR-10")].baseline.row.key == "original/164"
+    assert lines[("full_preact/110", "CIFAR-10")].baseline.row.key == "original/110"
+    assert lines[("original/164", "CIFAR-10")].verdict == "baseline"
+    code, out, _ = report(capsys, tmp_path, "--table", "table2")
+    assert code == 0 and "| Δ median vs original/<depth> [95%] | p | verdict |" in out
+    assert md_row(out, "full_preact/164")[12].startswith("-1.00")  # 5.56 - 6.56, not vs 110
+    assert md_row(out, "original/164")[14] == "baseline"
+    # 2 pairs, one per depth; across depths (e.g. original/164 < full_preact/110) none is compared
+    assert "agrees on 2 of 2 pairs, disagrees on 0, undecided on 0." in out
+    assert "original/164 < original/110" not in out
+
+
+def test_baseline_block_picks_that_blocks_row_of_each_network(tmp_path, capsys):
+    _two_depths(tmp_path)
+    code, out, _ = report(capsys, tmp_path, "--table", "table2", "--baseline", "full_preact")
+    assert code == 0 and "| Δ median vs full_preact/<depth> [95%] |" in out
+    assert md_row(out, "full_preact/110")[14] == md_row(out, "full_preact/164")[14] == "baseline"
+    assert md_row(out, "original/164")[12].startswith("+1.00")
+    code, out, _ = report(capsys, tmp_path, "--table", "table2", "--baseline", "original/110")
+    assert code == 0 and md_row(out, "original/164")[12].startswith("-0.50")  # one row for all
+    assert "agrees on 2 of 2 pairs" in out  # the ordering check stays within a network
+
+
+def test_table3_rows_are_compared_within_their_data_and_network(tmp_path):
+    for option, depth, dataset, label in (("cifar10_164", "164", "cifar10", "CIFAR-10"),
+                                          ("cifar100_164", "164", "cifar100", "CIFAR-100")):
+        for block, error in (("original", 30.0), ("full_preact", 25.0)):
+            fake_run(tmp_path, {"experiment": "table3", "table3": option, "block": block,
+                                "depth": depth, "shortcut": "identity", "dataset": dataset,
+                                "protocol": "paper"}, error, label=label)
+    runs, _ = load_runs([tmp_path])
+    lines = {l.row.key: l for l in group(TABLES["table3"], runs) if l.runs}
+    assert lines["cifar10_164/full_preact"].baseline.row.key == "cifar10_164/original"
+    assert lines["cifar100_164/full_preact"].baseline.row.key == "cifar100_164/original"

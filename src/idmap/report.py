@@ -1,7 +1,9 @@
 """Reproduced test errors next to the paper's, one markdown table per table of the paper.
 
-Reads every summary.json under the given directories and puts each run into the row of
-src/idmap/paper.py whose Hydra choices it has. A row is split further by what its runs trained on
+Reads every run's summary (through idmap.rundir) under the given directories and puts the run into
+the row of src/idmap/paper.py whose Hydra choices it has, with block, shortcut and depth as the
+model was built: a choice that an override contradicts (model.block=...) is warned about and the
+run reported as built (issue 12). A row is split further by what its runs trained on
 (data set label, protocol, iterations), so a run on a stand-in data set or a shortened schedule is
 never shown as the paper's setting.
 
@@ -16,101 +18,79 @@ Per row, over its seeds (the paper reports final errors; table 3 the median of 5
   explains; the 0.5 pp floor is there because a few seeds estimate std poorly (one seed has none)
   and the paper's own spread is 0.14-0.22 pp (its table 4). Rows on other data are not compared.
 Failed (crashed), interrupted and running runs are counted in "seeds" but in no statistic.
+
+Whether two rows differ (the methods are in src/idmap/stats.py), only for rows of one network
+(table 2: one depth; table 3: one data set and network) on the same data, protocol and iterations:
+- median interval: the exact order-statistic interval for the median, with its real coverage.
+- vs baseline (--baseline; default: the network's original unit in tables 2-3, the table's first
+  row in the others): the difference of medians with a bootstrap interval, the p-value of an exact
+  permutation test on ranks, and a verdict: better, worse, or no difference shown at n seeds.
+- the paper's ordering: for each pair of rows that the paper orders (two different numbers, or a
+  number and "fail"), whether the runs agree (significant, same direction), disagree (significant,
+  opposite) or leave it undecided; --seeds-needed estimates how many seeds would decide it.
 """
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import sys
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from idmap import stats
 from idmap.paper import FAIL, TABLES, Row, Table
+from idmap.runs import Run, load_runs
 
 # Smallest median-vs-paper gap that is flagged, in percentage points (see the module docstring).
 MIN_GAP = 0.5
-FINISHED = ("completed", "diverged")
-# summary.json's dataset name -> label, for summaries written without a label.
-_DATA_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-
-
-@dataclass
-class Run:
-    path: Path
-    status: str
-    final_test_error: Optional[float]
-    choices: Dict[str, str]
-    data: str  # what the run trained on, e.g. "CIFAR-10", "CIFAR-10 (JPEG copy)", "synthetic"
-    max_iters: Optional[int]
-    seed: Optional[int]
-
-    @property
-    def outcome(self) -> Optional[float]:
-        """The run's final test error, inf when it diverged, None when it has no result."""
-        if self.status == "diverged":
-            return math.inf
-        if self.status == "completed" and _is_number(self.final_test_error):
-            return float(self.final_test_error)
-        return None
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def run_dirs(dirs: Iterable[Path]) -> Iterator[Path]:
-    """Every run directory under `dirs`: one with a summary.json, or one the trainer or Hydra
-    started (metrics.jsonl or .hydra/) that may lack it."""
-    for d in dirs:
-        d = Path(d)
-        if not d.is_dir():
-            raise FileNotFoundError(f"not a directory: {d}")
-        candidates = {d} | {p.parent for name in ("summary.json", "metrics.jsonl", ".hydra")
-                            for p in d.rglob(name)}
-        yield from sorted(c for c in candidates if any(
-            (c / name).exists() for name in ("summary.json", "metrics.jsonl", ".hydra")))
-
-
-def load_run(path: Path) -> Run:
-    """Raises ValueError with a one-line reason when the summary is missing or unreadable."""
-    try:
-        s = json.loads((path / "summary.json").read_text())
-    except FileNotFoundError:
-        raise ValueError("no summary.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"unreadable summary.json ({e})") from None
-    if not isinstance(s, dict) or not isinstance(s.get("status"), str):
-        raise ValueError("summary.json has no status")
-    dataset = s.get("dataset") if isinstance(s.get("dataset"), dict) else {}
-    name = str(dataset.get("name") or "?")
-    return Run(
-        path=path,
-        status=s["status"],
-        final_test_error=s.get("final_test_error"),
-        choices={str(k): str(v) for k, v in (s.get("choices") or {}).items()
-                 if not str(k).startswith("hydra/")},
-        data=str(dataset.get("label") or _DATA_LABELS.get(name, name)),
-        max_iters=s.get("max_iters"),
-        seed=s.get("seed"),
-    )
-
-
-def load_runs(dirs: Iterable[Path]) -> Tuple[List[Run], List[str]]:
-    """All runs under `dirs`, and one message per run directory that could not be read."""
-    runs, problems = [], []
-    for path in run_dirs(dirs):
-        try:
-            runs.append(load_run(path))
-        except ValueError as e:
-            problems.append(f"{path}: {e}, skipped")
-    return runs, problems
-
-
 def row_of(table: Table, run: Run) -> Optional[Row]:
     return next((r for r in table.rows if r.choices.items() <= run.choices.items()), None)
+
+
+# Rows are compared only with rows of the same network: table 2's original ResNet-164 against its
+# pre-act ResNet-110 says nothing about the unit. paper.py has no such field, so it is read off the
+# key: table 2's keys are "<block>/<depth>" and table 3's "<table3 option>/<block>" (the option
+# names data and network), so the part that is not the block names the network. Tables 1 and the
+# ResNet-20 ablation have keys without "/" and one network each (ResNet-110, ResNet-20): "".
+def network(row: Row) -> str:
+    parts = row.key.split("/")
+    return "/".join(p for p in parts if p != row.choices.get("block")) if len(parts) > 1 else ""
+
+
+def variant(row: Row) -> str:
+    """What tells a row from the others of its network: its block in tables 2-3, else its key."""
+    return row.choices["block"] if network(row) else row.key
+
+
+def baseline_rows(table: Table, baseline: Optional[str] = None) -> Dict[str, Row]:
+    """Per network of `table`, the row its rows are compared with: `baseline` when it is a row key
+    (that row for all), else the network's row of that variant (e.g. block "original"), else the
+    network's first row: the original unit in tables 2 and 3, the table's first row otherwise."""
+    if any(r.key == baseline for r in table.rows):
+        return {network(r): table.row(baseline) for r in table.rows}
+    bases: Dict[str, Row] = {}
+    for row in table.rows:
+        if baseline is None:
+            bases.setdefault(network(row), row)
+        elif variant(row) == baseline:
+            bases[network(row)] = row
+    return bases
+
+
+def baseline_name(table: Table, baseline: Optional[str] = None) -> str:
+    """The baseline for a header: a row key, or a pattern such as "original/<depth>"."""
+    bases = baseline_rows(table, baseline)
+    keys = {row.key for row in bases.values()}
+    if len(keys) <= 1:
+        return keys.pop() if keys else "—"
+    row = next(iter(bases.values()))
+    # The placeholder names the choice the network part is: <depth> (table 2), <table3> (table 3).
+    name = next((k for k, v in row.choices.items() if v == network(row) and k != "block"),
+                "network")
+    return "/".join(p if p == variant(row) else f"<{name}>" for p in row.key.split("/"))
 
 
 @dataclass
@@ -123,6 +103,16 @@ class Line:
     protocol: Optional[str] = None
     max_iters: Optional[int] = None
     runs: List[Run] = field(default_factory=list)
+    # The baseline row's line of the same setting (itself for the baseline's own line), or None.
+    baseline: Optional["Line"] = field(default=None, compare=False, repr=False)
+
+    @property
+    def setting(self) -> Tuple:
+        return self.data, self.protocol, self.max_iters
+
+    @property
+    def network(self) -> str:
+        return network(self.row)
 
     @property
     def paper_data(self) -> bool:
@@ -139,6 +129,24 @@ class Line:
     @property
     def median(self) -> Optional[float]:
         return statistics.median(self.outcomes) if self.outcomes else None
+
+    @property
+    def median_interval(self) -> Optional[Tuple[float, float, float]]:
+        """(low, high, coverage) for the median, from the seeds (stats.median_interval)."""
+        return stats.median_interval(self.outcomes)
+
+    @property
+    def comparison(self) -> Optional[stats.Comparison]:
+        """This line's seeds against the baseline's; None for the baseline itself or no runs."""
+        if self.baseline is None or self.baseline is self or not self.baseline.outcomes:
+            return None
+        return stats.compare(self.outcomes, self.baseline.outcomes) if self.outcomes else None
+
+    @property
+    def verdict(self) -> str:
+        if self.baseline is self:
+            return "baseline"
+        return self.comparison.verdict if self.comparison else ""
 
     @property
     def mean(self) -> Optional[float]:
@@ -166,8 +174,9 @@ class Line:
         return "ok"
 
 
-def group(table: Table, runs: Sequence[Run]) -> List[Line]:
-    """Every row of `table` at least once, in the paper's order; the paper's data first."""
+def group(table: Table, runs: Sequence[Run], baseline: Optional[str] = None) -> List[Line]:
+    """Every row of `table` at least once, in the paper's order; the paper's data first. Each line
+    with runs gets the line of its network's baseline row (baseline_rows) of its setting."""
     by_setting: Dict[Tuple, Line] = {}
     for run in runs:
         row = row_of(table, run)
@@ -179,7 +188,74 @@ def group(table: Table, runs: Sequence[Run]) -> List[Line]:
         mine = [g for k, g in by_setting.items() if k[0] == row.key]
         mine.sort(key=lambda g: (not g.paper_data, g.data, g.protocol, g.max_iters or 0))
         lines += mine or [Line(table, row)]
+    base_rows = baseline_rows(table, baseline)
+    by_row = {(line.row.key, line.setting): line for line in lines if line.runs}
+    for line in lines:
+        base = base_rows.get(line.network)
+        if line.runs and base is not None:
+            line.baseline = by_row.get((base.key, line.setting))
     return lines
+
+
+@dataclass
+class Pair:
+    """Two lines of one setting whose rows the paper orders: `lower` has the paper's lower error."""
+
+    lower: Line
+    higher: Line
+
+    @cached_property
+    def comparison(self) -> stats.Comparison:
+        return stats.compare(self.lower.outcomes, self.higher.outcomes)
+
+    @property
+    def outcome(self) -> str:
+        """Whether the runs agree with the paper, disagree (each significant) or leave it open."""
+        return {-1: "agrees", 1: "disagrees", 0: "undecided"}[self.comparison.sign]
+
+    def describe(self) -> str:
+        lower, higher = self.lower, self.higher
+        return (f"{lower.row.key} < {higher.row.key} (paper {_error(_paper_error(lower.row))} < "
+                f"{_error(_paper_error(higher.row))}; medians {_error(lower.median)} vs "
+                f"{_error(higher.median)}, p = {self.comparison.p:.3f})")
+
+
+def _paper_error(row: Row) -> Optional[float]:
+    """The paper's number as an error to order by, fail the highest; None: nothing to order."""
+    return math.inf if row.reference == FAIL else (
+        row.reference if isinstance(row.reference, float) else None)
+
+
+def paper_pairs(lines: Sequence[Line]) -> Dict[Tuple, List[Pair]]:
+    """Per setting, every pair of lines with runs of one network whose rows the paper orders."""
+    pairs: Dict[Tuple, List[Pair]] = {}
+    ordered = [l for l in lines if l.outcomes and _paper_error(l.row) is not None]
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1:]:
+            ea, eb = _paper_error(a.row), _paper_error(b.row)
+            if a.setting == b.setting and a.network == b.network and ea != eb:
+                pair = Pair(a, b) if ea < eb else Pair(b, a)
+                pairs.setdefault(a.setting, []).append(pair)
+    return pairs
+
+
+def ordering_check(lines: Sequence[Line], seeds_needed: bool = False) -> List[str]:
+    """One line per setting: how often the runs confirm the paper's ordering of two rows."""
+    out = []
+    for (data, protocol, iters), pairs in paper_pairs(lines).items():
+        by = {o: [p for p in pairs if p.outcome == o] for o in ("agrees", "disagrees", "undecided")}
+        out.append(f"Paper's ordering ({data}, {protocol}, {_iters(iters)} iters): agrees on "
+                   f"{len(by['agrees'])} of {len(pairs)} pairs, disagrees on "
+                   f"{len(by['disagrees'])}, undecided on {len(by['undecided'])}.")
+        out += [f"- disagrees: {p.describe()}" for p in by["disagrees"]]
+        if seeds_needed:
+            for p in by["undecided"]:
+                note = stats.seeds_needed_note(p.lower.outcomes, p.higher.outcomes)
+                out.append(f"- undecided: {p.describe()}; {note}")
+    if not out:
+        return ["Paper's ordering: no two rows that the paper orders both have runs of one "
+                "setting and network."]
+    return out + ([stats.SEEDS_NEEDED_METHOD] if seeds_needed else [])
 
 
 def detect_tables(runs: Sequence[Run]) -> List[Table]:
@@ -190,14 +266,24 @@ def _pp(x: Optional[float]) -> str:
     return "—" if x is None else f"{x:.2f}"
 
 
+def _error(x: Optional[float]) -> str:
+    return "fail" if x == math.inf else _pp(x)
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.2f}"  # +inf / -inf: one median diverged
+
+
 def _iters(n: Optional[int]) -> str:
     if n is None:
         return "?"
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
+# The comparison columns come last so that the first eleven keep their places for readers.
 COLUMNS = ["row", "case", "data", "protocol", "iters", "{ref}", "median", "mean ± std", "seeds",
-           "fail", "vs {ref}"]
+           "fail", "vs {ref}", "median 95% interval", "Δ median vs {baseline} [95%]", "p",
+           "verdict"]
 
 
 def cells(line: Line) -> List[str]:
@@ -217,15 +303,27 @@ def cells(line: Line) -> List[str]:
         median = _pp(line.median) + (" fail" if row.is_fail(line.median) else "")
     mean = "—" if line.mean is None else f"{_pp(line.mean)} ± {_pp(line.std)}"
     finished = len(line.outcomes)
+    interval = line.median_interval
+    c = line.comparison
+    diff = "—"
+    if c is not None:
+        diff = _signed(c.diff) + ("" if c.interval is None else
+                                  " [" + ", ".join(map(_signed, c.interval)) + "]")
     return [row.key, row.label, data, protocol, iters, reference, median, mean,
             f"{finished}/{len(line.runs)}", f"{line.fails}/{finished}" if finished else "—",
-            line.flag]
+            line.flag,
+            "—" if interval is None else
+            f"[{_error(interval[0])}, {_error(interval[1])}] {interval[2]:.1%}",
+            diff, "—" if c is None else f"{c.p:.3f}", line.verdict]
 
 
-def markdown(table: Table, lines: Sequence[Line]) -> str:
+def markdown(table: Table, lines: Sequence[Line], seeds_needed: bool = False,
+             baseline: Optional[str] = None) -> str:
+    baseline = baseline_name(table, baseline)
+    header = (c.format(ref=table.reference_column, baseline=baseline) for c in COLUMNS)
     out = [f"## {table.title}", "",
            f"Reference: {table.source}; {table.statistic}.", "",
-           "| " + " | ".join(c.format(ref=table.reference_column) for c in COLUMNS) + " |",
+           "| " + " | ".join(header) + " |",
            "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(cells(line)) + " |" for line in lines]
     out += ["",
@@ -235,6 +333,12 @@ def markdown(table: Table, lines: Sequence[Line]) -> str:
             f"off by more than max(2 std, {MIN_GAP} pp) or fail disagrees."]
     if any(line.runs and not line.paper_data for line in lines):
         out.append("* not the paper's data set: not compared with the paper's number.")
+    out += ["", *stats.method_notes(f"Δ median vs {baseline}"),
+            ("- rows are compared, here and in the paper's ordering, only on the same data, "
+             "protocol and iterations and with rows of the same network (unless --baseline names "
+             "one row)."),
+            ""]
+    out += ordering_check(lines, seeds_needed)
     return "\n".join(out) + "\n"
 
 
@@ -242,14 +346,20 @@ def write_csv(path: Path, lines: Sequence[Line]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["table", "row", "case", "data", "paper_data", "protocol", "max_iters", "paper",
-                    "median", "mean", "std", "finished", "runs", "fails", "flag"])
+                    "median", "mean", "std", "finished", "runs", "fails", "flag",
+                    "median_lo", "median_hi", "median_coverage", "baseline", "diff", "diff_lo",
+                    "diff_hi", "p_value", "verdict"])
         for line in lines:
-            stats = ("" if x is None else x for x in (line.median, line.mean, line.std))
+            summary = ("" if x is None else x for x in (line.median, line.mean, line.std))
             reference = "" if line.row.reference is None else line.row.reference
+            interval = line.median_interval or ("", "", "")
+            c = line.comparison
+            compared = ("", "", "", "") if c is None else (c.diff, *(c.interval or ("", "")), c.p)
             w.writerow([line.table.name, line.row.key, line.row.label, line.data or "",
                         line.paper_data if line.runs else "", line.protocol or "",
-                        line.max_iters or "", reference, *stats, len(line.outcomes),
-                        len(line.runs), line.fails, line.flag])
+                        line.max_iters or "", reference, *summary, len(line.outcomes),
+                        len(line.runs), line.fails, line.flag, *interval,
+                        line.baseline.row.key if line.baseline else "", *compared, line.verdict])
 
 
 def duplicate_seeds(lines: Sequence[Line]) -> Iterator[str]:
@@ -267,6 +377,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--table", choices=["auto", *TABLES], default="auto",
                         help="the paper's table to fill (auto: every table that has runs)")
     parser.add_argument("--csv", type=Path, help="also write the lines as CSV to this file")
+    parser.add_argument("--baseline", metavar="KEY",
+                        help="a row key: the row every row is compared with; or a block such as "
+                        "full_preact: that block's row of each network (tables 2-3). Default: each "
+                        "network's original unit (tables 2-3), the table's first row (others)")
+    parser.add_argument("--seeds-needed", action="store_true",
+                        help="for each pair the paper orders that the runs leave undecided, "
+                        "estimate the seeds per row that would decide it")
     args = parser.parse_args(argv)
 
     try:
@@ -281,6 +398,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: none of the {len(runs)} runs is a row of a paper table; "
               "choose a table with --table", file=sys.stderr)
         return 1
+    if args.baseline and not any(baseline_rows(t, args.baseline) for t in tables):
+        print(f"error: --baseline {args.baseline} is no row of "
+              f"{', '.join(t.name for t in tables)}", file=sys.stderr)
+        return 2
     unmatched = [r for r in runs if not any(row_of(t, r) for t in tables)]
     if unmatched:
         print(f"warning: {len(unmatched)} runs are no row of {', '.join(t.name for t in tables)}, "
@@ -288,9 +409,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     all_lines = []
     for table in tables:
-        lines = group(table, runs)
+        baseline = args.baseline if baseline_rows(table, args.baseline) else None
+        lines = group(table, runs, baseline)
         all_lines += lines
-        print(markdown(table, lines))
+        print(markdown(table, lines, args.seeds_needed, baseline))
     for message in duplicate_seeds(all_lines):
         print(f"warning: {message}", file=sys.stderr)
     if args.csv:
