@@ -11,10 +11,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 import hydra  # noqa: E402
 
+from idmap import IdmapError  # noqa: E402
 from idmap.config import quote_numeric_choices, register_configs  # noqa: E402
+from idmap.launch import resume_argv  # noqa: E402
 
 register_configs()
-sys.argv[1:] = quote_numeric_choices(sys.argv[1:])
+try:
+    sys.argv[1:] = quote_numeric_choices(resume_argv(sys.argv[1:]))
+except IdmapError as exc:  # a refused resume: before Hydra writes anything into the run
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -86,7 +86,9 @@ class TrainerConfig:
     checkpoint_every: int = 4000
     log_every: int = 100  # progress bar refresh and the divergence check (a host sync)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: bool = False
+    # true: continue the checkpoint in hydra.run.dir; a run or sweep directory: continue that, with
+    # its own settings (train.py turns the path into the run's overrides, launch.resume_argv).
+    resume: Any = False
     deterministic: bool = False
     # Speed switches (issue 4). None changes the algorithm; bf16 changes arithmetic precision only.
     precision: str = "fp32"  # fp32 | tf32 | bf16 (autocast, fp32 master weights)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -16,9 +18,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.rundir import SUMMARY, read_summary, update_summary
+from idmap.rundir import (MULTIRUN, SUMMARY, hydra_config_path, hydra_overrides_path, read_summary,
+                          update_summary)
 from idmap.runtime import Interrupted, resolve_device
-from idmap.state import RunExists
+from idmap.state import RunExists, settings_changed
 from idmap.trainer import train
 
 log = logging.getLogger("idmap")
@@ -103,6 +106,11 @@ def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, i
                          f"{world_size} processes; leave trainer.world_size at 1 under torchrun")
     _start_group(cfg.trainer.device, rank, local_rank, world_size, "env://")
     try:
+        if local_rank == 0:  # one process per node fetches (or decodes and caches) the data
+            from idmap.data import load_dataset
+
+            load_dataset(cfg.dataset)
+        dist.barrier()
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
         if shared[0] != str(run_dir) and rank:
@@ -135,6 +143,57 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None) -> di
 
 
 # --------------------------------------------------------------------------------------------------
+# Resuming by directory: `python train.py trainer.resume=DIR [settings]`
+# --------------------------------------------------------------------------------------------------
+def resume_argv(argv: list[str]) -> list[str]:
+    """The command line that continues the run or sweep in `trainer.resume=DIR`: the run's own
+    overrides (from its .hydra/), then the user's other arguments, which may change how it runs
+    (e.g. raise trainer.max_iters) but not what it computes. Other arguments pass through."""
+    given = [a for a in argv if a.startswith("trainer.resume=")]
+    value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
+    if not value or value.lower() in ("true", "false"):
+        return argv
+    path = Path(value)
+    rest = [a for a in argv if not a.startswith("trainer.resume=")]
+    keep = lambda overrides: [o for o in overrides if not o.startswith(("trainer.resume=", "hydra."))]
+    if hydra_overrides_path(path).is_file():  # one run
+        own = keep(OmegaConf.load(hydra_overrides_path(path)))
+        args = [*own, *rest, "trainer.resume=true"]
+        _refuse_other_settings(path, [a for a in args if not a.startswith(("-", "hydra", "+hydra"))])
+        return [*args, f"hydra.run.dir={path}"]
+    if (path / MULTIRUN).is_file():  # a sweep: Hydra runs its jobs again, each into its own dir
+        own = keep(OmegaConf.load(path / MULTIRUN).hydra.overrides.task)
+        rest = [a for a in rest if a not in ("-m", "--multirun")]
+        return ["-m", *own, *rest, "trainer.resume=true", f"hydra.sweep.dir={path}"]
+    raise IdmapError(f"trainer.resume={value}: not a run directory (no {hydra_overrides_path(path)}) "
+                     f"nor a sweep directory (no {path / MULTIRUN})")
+
+
+def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> None:
+    """Compares the config these overrides compose with the run's own, before Hydra writes a
+    thing into the run directory, so a refused resume leaves the run as it was."""
+    from idmap.config import compose_config
+
+    saved = OmegaConf.to_container(OmegaConf.load(hydra_config_path(run_dir)), resolve=False)
+    new = OmegaConf.to_container(compose_config(*overrides), resolve=False)
+    changed = settings_changed(saved, new)
+    if changed:
+        raise IdmapError(f"{run_dir} was run with other settings ({'; '.join(changed)}); only how it "
+                         f"runs may change on resuming (e.g. trainer.max_iters)")
+
+
+def _already_done(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The summary of a run that a resumed sweep finds completed, so it is not loaded again."""
+    try:
+        summary = read_summary(run_dir)
+    except ValueError:
+        return None
+    done = (summary["status"] == "completed" and not cfg.trainer.epochs
+            and summary.get("iterations") == summary.get("max_iters") == cfg.trainer.max_iters)
+    return summary if done else None
+
+
+# --------------------------------------------------------------------------------------------------
 # The Hydra task
 # --------------------------------------------------------------------------------------------------
 def main(cfg: DictConfig) -> dict | None:
@@ -153,14 +212,20 @@ def main(cfg: DictConfig) -> dict | None:
         cfg.trainer.progress = False
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        with pin_job_to_gpu(cfg.gpu_pool) as device:
-            if device is not None:
-                cfg.trainer.device = device
-            summary = run(cfg, run_dir)
+        summary = _already_done(cfg, run_dir) if cfg.trainer.resume else None
+        if summary is None:
+            with pin_job_to_gpu(cfg.gpu_pool) as device:
+                if device is not None:
+                    cfg.trainer.device = device
+                summary = run(cfg, run_dir)
+        if int(os.environ.get("RANK", 0)):  # one process of a group: rank 0 reports the run
+            return summary
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
+        if multirun:
+            sweep_progress(hc, summary)
         return summary
     except Interrupted as exc:
-        log.warning("%s; continue with trainer.resume=true hydra.run.dir=%s", exc, run_dir)
+        log.warning("%s; continue with trainer.resume=%s", exc, run_dir)
         handler = signal.getsignal(exc.signum)
         if callable(handler) and handler is not signal.default_int_handler:
             # Checkpoint saved: now let the handler we deferred (submitit's requeue) have the signal.
@@ -173,6 +238,7 @@ def main(cfg: DictConfig) -> dict | None:
             raise
         if multirun:
             log.error("job failed: %s (details in %s)", exc, run_dir / SUMMARY)
+            sweep_progress(hc, {"status": "failed", "final_test_error": None})
             return None
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -184,3 +250,61 @@ def record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
                        choices=hydra_choices(), config=OmegaConf.to_container(cfg, resolve=False),
                        seed=cfg.seed, traceback=traceback.format_exc())
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep progress: one line per finished job
+# --------------------------------------------------------------------------------------------------
+def swept_values(task_overrides: list[str], sweeper_params: dict | None) -> dict[str, int]:
+    """Each swept key of a basic sweep and how many values it takes (command line and the
+    experiment's hydra.sweeper.params, the command line winning)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept = {k: str(v) for k, v in (sweeper_params or {}).items()}
+    for o in task_overrides:
+        key, _, value = o.partition("=")
+        swept[key.lstrip("+~")] = value
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in swept.items()])
+    return {o.get_key_element().lstrip("+~"): len(list(o.sweep_string_iterator()))
+            for o in parsed if o.is_sweep_override()}
+
+
+def sweep_size(task_overrides: list[str], sweeper_params: dict | None) -> int:
+    """Jobs in a basic sweep: the product of the numbers of swept values."""
+    return math.prod(swept_values(task_overrides, sweeper_params).values())
+
+
+def sweep_progress(hc, summary: dict) -> None:
+    """`job k/N <swept values>: <status> <final error>, <wall time>; ETA <time>` after each job. k
+    counts the sweep's finished run directories, so it holds with parallel launchers too; the ETA
+    divides the remaining jobs' mean time by how many have run side by side so far."""
+    try:
+        sweep = Path(hc.sweep.dir)
+        plan = OmegaConf.load(sweep / MULTIRUN).hydra
+        params = plan.sweeper.get("params")
+        swept = swept_values(list(plan.overrides.task), OmegaConf.to_container(params) if params else {})
+        total = math.prod(swept.values())
+        label = " ".join(o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept)
+        summaries = []
+        for d in sweep.iterdir():
+            with contextlib.suppress(ValueError, OSError):
+                s = read_summary(d)
+                if s["status"] != "running":
+                    summaries.append(s)
+        walls = [s.get("wall_time_s") or 0.0 for s in summaries]
+        since = time.time() - (sweep / MULTIRUN).stat().st_mtime
+        side_by_side = max(1.0, sum(walls) / since) if since > 0 else 1.0
+        left = max(0, total - len(summaries))
+        eta = left * (sum(walls) / len(walls)) / side_by_side if walls else 0.0
+        error = summary.get("final_test_error")
+        log.info("job %d/%d %s: %s%s, %s; ETA %s", len(summaries), total, label, summary["status"],
+                 "" if error is None else f" {error:.2f}%", _clock(summary.get("wall_time_s") or 0.0),
+                 _clock(eta) if left else "done")
+    except Exception as exc:  # progress is a courtesy: never let it fail a job
+        log.debug("no sweep progress line: %s", exc)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

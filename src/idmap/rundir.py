@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 from idmap import IdmapError
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint.pt"
-HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_CONFIG, HYDRA_OVERRIDES = Path(".hydra") / "config.yaml", Path(".hydra") / "overrides.yaml"
+MULTIRUN = "multirun.yaml"  # a sweep directory's record of the sweep (Hydra writes it)
 _MARKERS = (SUMMARY, METRICS, ".hydra")  # any of these makes a folder a run directory
 
 _UMASK = os.umask(0)
@@ -198,3 +199,7 @@ def checkpoint_path(path: Path) -> Path:
 
 def hydra_config_path(run_dir: Path) -> Path:
     return Path(run_dir) / HYDRA_CONFIG
+
+
+def hydra_overrides_path(run_dir: Path) -> Path:
+    return Path(run_dir) / HYDRA_OVERRIDES

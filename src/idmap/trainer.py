@@ -128,6 +128,9 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     state, model = build(cfg, data, device, world_size)
     state.resume_from(run_dir / CHECKPOINT, cfg.trainer.resume, rank)
     loop = Loop(cfg, run_dir, state, model, data, rank, world_size)
+    if state.iteration > loop.max_iters:
+        raise IdmapError(f"{run_dir} is at iteration {state.iteration} already; trainer.max_iters "
+                         f"({loop.max_iters}) can be raised to extend a run, not lowered")
     summary = new_summary(cfg, state.model, data.info, device, loop.max_iters, choices or {})
     status, signum = loop.run()
     metrics = state.metrics

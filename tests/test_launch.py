@@ -1,0 +1,110 @@
+"""How runs start and continue: resuming by run or sweep directory, torchrun, sweep progress."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY, run_train
+
+from idmap.launch import resume_argv, sweep_size
+
+SHORT = [*TINY, "trainer.max_iters=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
+
+
+def _summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_resumes_from_its_directory_alone_and_may_be_extended(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(*SHORT, "block=original", f"hydra.run.dir={run_dir}")
+    run_train(f"trainer.resume={run_dir}", "trainer.max_iters=8")
+    summary = _summary(run_dir)
+    assert summary["status"] == "completed" and summary["iterations"] == 8
+    assert summary["model"]["block"] == "original"  # the run's own settings, not train.yaml's defaults
+    assert [m["iteration"] for m in _metrics(run_dir)] == [2, 4, 6, 8]
+
+
+def test_resuming_by_directory_refuses_a_changed_setting_and_leaves_the_run_as_it_was(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(*SHORT, f"hydra.run.dir={run_dir}")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_train(f"trainer.resume={run_dir}", "optim.lr=0.2", "block=original", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "optim.lr: 0.1 -> 0.2" in proc.stderr and "model.block: full_preact -> original" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_cannot_be_shortened_below_where_it_is(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(*SHORT, f"hydra.run.dir={run_dir}")
+    proc = run_train(f"trainer.resume={run_dir}", "trainer.max_iters=2", check=False)
+    assert proc.returncode == 2 and "can be raised to extend a run, not lowered" in proc.stderr
+
+
+def test_resume_of_something_that_is_no_run_says_so(tmp_path):
+    with pytest.raises(Exception, match="not a run directory"):
+        resume_argv([f"trainer.resume={tmp_path}"])
+    assert resume_argv(["trainer.resume=true", "seed=2"]) == ["trainer.resume=true", "seed=2"]
+
+
+def test_a_sweep_resumes_its_unfinished_jobs_in_one_command(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={sweep}")
+    done, unfinished = sweep / "0", sweep / "1"
+    # Job 1 as a kill after its first checkpoint leaves it: checkpoint at 2, no final summary.
+    shutil.rmtree(unfinished)
+    run_train(*SHORT, "seed=2", "trainer.max_iters=2", f"hydra.run.dir={unfinished}")
+    (unfinished / "summary.json").unlink()
+    finished_before = (done / "summary.json").read_bytes()
+    proc = run_train(f"trainer.resume={sweep}")
+    assert _summary(unfinished)["status"] == "completed" and _summary(unfinished)["iterations"] == 4
+    assert [m["iteration"] for m in _metrics(unfinished)] == [2, 4]
+    assert (done / "summary.json").read_bytes() == finished_before  # a completed job is not run again
+    assert "job 2/2" in proc.stdout + proc.stderr
+
+
+def test_each_finished_job_of_a_sweep_prints_a_progress_line(tmp_path):
+    proc = run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    out = proc.stdout + proc.stderr
+    assert "job 1/2 seed=1: completed" in out and "job 2/2 seed=2: completed" in out
+    assert "ETA done" in out
+
+
+def test_sweep_size_counts_the_command_line_and_the_experiments_values():
+    assert sweep_size(["seed=1,2,3", "block=original"], {}) == 3
+    assert sweep_size(["+experiment=table2"], {"seed": "1,2,3,4,5", "depth": "'110','164'",
+                                               "block": "a,b,c,d,e"}) == 50
+    assert sweep_size(["+experiment=table2", "seed=1"], {"seed": "1,2,3,4,5", "block": "a,b"}) == 2
+
+
+def test_torchrun_with_two_gloo_processes_trains_one_run_as_world_size_2_does(tmp_path):
+    settings = [*TINY, "trainer.max_iters=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+                "trainer.deterministic=true"]
+    spawned = tmp_path / "spawned"
+    run_train(*settings, "trainer.world_size=2", f"hydra.run.dir={spawned}")
+    # torchrun's own processes, each composing its own time-stamped run directory: rank 0's is used.
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(ROOT / "train.py"), *settings,
+                           f"hydra.run.dir={work}/outputs/run" + "_${now:%H-%M-%S.%f}"],
+                          cwd=work, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [p for p in (work / "outputs").iterdir()]
+    assert len(runs) == 1, runs  # one run directory, the other rank's stray one removed
+    torchrun = runs[0]
+    assert len((torchrun / "metrics.jsonl").read_text().splitlines()) == 2  # written once, by rank 0
+    assert len(list(torchrun.glob("events.out.tfevents.*"))) == 1
+    a, b = _summary(spawned), _summary(torchrun)
+    assert b["status"] == "completed" and b["iterations"] == 6
+    assert b["final_test_error"] == a["final_test_error"]
+    assert [m["train_loss"] for m in _metrics(torchrun)] == [m["train_loss"] for m in _metrics(spawned)]
