@@ -18,8 +18,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.rundir import (MULTIRUN, SUMMARY, hydra_config_path, hydra_overrides_path, read_summary,
-                          update_summary)
+from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, MULTIRUN, SUMMARY, hydra_config_path, hydra_overrides_path,
+                          read_summary, update_summary)
 from idmap.runtime import Interrupted, resolve_device
 from idmap.state import RunExists, settings_changed
 from idmap.trainer import train
@@ -126,7 +126,7 @@ def _remove_stray(run_dir: Path) -> None:
     more than Hydra's own files (rank > 0 never writes a run's files)."""
     import shutil
 
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {HYDRA_DIR, HYDRA_LOG}:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -225,7 +225,8 @@ def main(cfg: DictConfig) -> dict | None:
             sweep_progress(hc, summary)
         return summary
     except Interrupted as exc:
-        log.warning("%s; continue with trainer.resume=%s", exc, run_dir)
+        log.warning("%s; continue with trainer.resume=%s (or the same settings, trainer.resume=true "
+                    "hydra.run.dir=%s)", exc, run_dir, run_dir)
         handler = signal.getsignal(exc.signum)
         if callable(handler) and handler is not signal.default_int_handler:
             # Checkpoint saved: now let the handler we deferred (submitit's requeue) have the signal.

@@ -24,9 +24,11 @@ from typing import Any, Callable, Iterable, Iterator
 from idmap import IdmapError
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint.pt"
-HYDRA_CONFIG, HYDRA_OVERRIDES = Path(".hydra") / "config.yaml", Path(".hydra") / "overrides.yaml"
+HYDRA_DIR = ".hydra"  # Hydra's record of the composed config and the command-line overrides
+HYDRA_CONFIG, HYDRA_OVERRIDES = Path(HYDRA_DIR) / "config.yaml", Path(HYDRA_DIR) / "overrides.yaml"
+HYDRA_LOG = "train.log"  # Hydra's log of the job (named after train.py)
 MULTIRUN = "multirun.yaml"  # a sweep directory's record of the sweep (Hydra writes it)
-_MARKERS = (SUMMARY, METRICS, ".hydra")  # any of these makes a folder a run directory
+_MARKERS = (SUMMARY, METRICS, HYDRA_DIR)  # any of these makes a folder a run directory
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
