@@ -215,7 +215,8 @@ class Pair:
 
     def describe(self) -> str:
         lower, higher = self.lower, self.higher
-        return (f"{lower.row.key} < {higher.row.key} (paper {_error(_paper_error(lower.row))} < "
+        ref = lower.table.reference_column  # "paper", or "seed exp." for the ResNet-20 table
+        return (f"{lower.row.key} < {higher.row.key} ({ref} {_error(_paper_error(lower.row))} < "
                 f"{_error(_paper_error(higher.row))}; medians {_error(lower.median)} vs "
                 f"{_error(higher.median)}, p = {self.comparison.p:.3f})")
 
@@ -244,7 +245,9 @@ def ordering_check(lines: Sequence[Line], seeds_needed: bool = False) -> List[st
     out = []
     for (data, protocol, iters), pairs in paper_pairs(lines).items():
         by = {o: [p for p in pairs if p.outcome == o] for o in ("agrees", "disagrees", "undecided")}
-        out.append(f"Paper's ordering ({data}, {protocol}, {_iters(iters)} iters): agrees on "
+        ref = pairs[0].lower.table.reference_column
+        title = "Paper's ordering" if ref == "paper" else f"Ordering of the {ref}"
+        out.append(f"{title} ({data}, {protocol}, {_iters(iters)} iters): agrees on "
                    f"{len(by['agrees'])} of {len(pairs)} pairs, disagrees on "
                    f"{len(by['disagrees'])}, undecided on {len(by['undecided'])}.")
         out += [f"- disagrees: {p.describe()}" for p in by["disagrees"]]
