@@ -58,7 +58,7 @@ def test_resume_of_something_that_is_no_run_says_so(tmp_path):
 def test_a_sweep_resumes_its_unfinished_jobs_in_one_command(tmp_path):
     sweep = tmp_path / "sweep"
     run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={sweep}")
-    done, unfinished = sweep / "0", sweep / "1"
+    done, unfinished = sweep / "0_full_preact_110", sweep / "1_full_preact_110"
     # Job 1 as a kill after its first checkpoint leaves it: checkpoint at 2, no final summary.
     shutil.rmtree(unfinished)
     run_train(*SHORT, "seed=2", "trainer.max_iters=2", f"hydra.run.dir={unfinished}")

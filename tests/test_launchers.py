@@ -122,7 +122,7 @@ def test_joblib_runs_the_jobs_in_parallel_workers_each_on_its_own_gpu_of_the_poo
     )
     with _ended_at_exit(proc):
         output = _finish(proc, timeout=240)
-    runs = [sweep / "0", sweep / "1"]
+    runs = [sweep / "0_full_preact_110", sweep / "1_full_preact_110"]
     records = [json.loads((run / "fake_gpu.json").read_text()) for run in runs]
     assert all(r["device"] == "cuda:0" and r["all_held"] for r in records), (records, output)
     assert sorted(r["mask"] for r in records) == ["3", "5"]  # one GPU each, at the same time
@@ -160,7 +160,7 @@ def test_submitit_requeues_a_job_signalled_with_sigusr2_and_it_resumes_from_its_
     if not Path("/proc/self/cmdline").exists():
         pytest.skip("finds submitit's task process through /proc")
     sweep = tmp_path / "sweep"
-    run_dir = sweep / "0"
+    run_dir = sweep / "0_full_preact_110"
     # What conf/launcher/slurm.yaml sets for the job, on submitit's local executor: same launcher
     # class, same checkpoint method, same signal handler; only the requeue is a restart by the
     # local controller (exit code 144) rather than `scontrol requeue`.

@@ -162,9 +162,13 @@ def resume_argv(argv: list[str]) -> list[str]:
         _refuse_other_settings(path, [a for a in args if not a.startswith(("-", "hydra", "+hydra"))])
         return [*args, f"hydra.run.dir={path}"]
     if (path / MULTIRUN).is_file():  # a sweep: Hydra runs its jobs again, each into its own dir
-        own = keep(OmegaConf.load(path / MULTIRUN).hydra.overrides.task)
+        plan = OmegaConf.load(path / MULTIRUN).hydra
+        own = keep(plan.overrides.task)
         rest = [a for a in rest if a not in ("-m", "--multirun")]
-        return ["-m", *own, *rest, "trainer.resume=true", f"hydra.sweep.dir={path}"]
+        # The sweep's own job folder names, should train.yaml's pattern have changed since.
+        subdir = OmegaConf.to_container(plan.sweep, resolve=False)["subdir"]
+        return ["-m", *own, *rest, "trainer.resume=true", f"hydra.sweep.dir={path}",
+                f"hydra.sweep.subdir={subdir}"]
     raise IdmapError(f"trainer.resume={value}: not a run directory (no {hydra_overrides_path(path)}) "
                      f"nor a sweep directory (no {path / MULTIRUN})")
 
