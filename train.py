@@ -11,6 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
 import hydra  # noqa: E402
 
+from hydra.errors import HydraException  # noqa: E402
+
 from idmap import IdmapError  # noqa: E402
 from idmap.config import quote_numeric_choices, register_configs  # noqa: E402
 from idmap.launch import resume_argv  # noqa: E402
@@ -21,6 +23,9 @@ try:
 except IdmapError as exc:  # a refused resume: before Hydra writes anything into the run
     print(f"error: {exc}", file=sys.stderr)
     sys.exit(2)
+except HydraException as exc:  # e.g. a misspelled key beside trainer.resume=DIR: Hydra's message
+    print(f"error: {exc}", file=sys.stderr)
+    sys.exit(1)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

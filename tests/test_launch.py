@@ -1,6 +1,7 @@
 """How runs start and continue: resuming by run or sweep directory, torchrun, sweep progress."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT, TINY, run_train
 
-from idmap.launch import resume_argv, sweep_size
+from idmap.launch import resume_argv, swept_values
 
 SHORT = [*TINY, "trainer.max_iters=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
 
@@ -42,11 +43,28 @@ def test_resuming_by_directory_refuses_a_changed_setting_and_leaves_the_run_as_i
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-def test_a_run_cannot_be_shortened_below_where_it_is(tmp_path):
+def test_a_run_cannot_be_shortened_below_where_it_is_and_stays_completed(tmp_path):
     run_dir = tmp_path / "run"
     run_train(*SHORT, f"hydra.run.dir={run_dir}")
     proc = run_train(f"trainer.resume={run_dir}", "trainer.max_iters=2", check=False)
     assert proc.returncode == 2 and "can be raised to extend a run, not lowered" in proc.stderr
+    assert _summary(run_dir)["status"] == "completed"
+    # The long form reaches the trainer, which refuses as well, without marking the run failed.
+    proc = run_train(*SHORT, "trainer.max_iters=2", "trainer.resume=true", f"hydra.run.dir={run_dir}",
+                     check=False)
+    assert proc.returncode == 2 and "not lowered" in proc.stderr
+    assert _summary(run_dir)["status"] == "completed"
+    run_train(f"trainer.resume={run_dir}")  # and the plain resume still works
+
+
+def test_one_job_of_an_experiment_sweep_resumes_as_one_run_in_its_folder(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("+experiment=resnet20_ablation", "resnet20_ablation=original", "seed=1", *SHORT,
+              f"hydra.sweep.dir={sweep}")
+    (job,) = [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    run_train(f"trainer.resume={job}", "trainer.max_iters=6")
+    assert _summary(job)["iterations"] == 6 and _summary(job)["choices"]["resnet20_ablation"] == "original"
+    assert [p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")] == [job]
 
 
 def test_resume_of_something_that_is_no_run_says_so(tmp_path):
@@ -57,7 +75,9 @@ def test_resume_of_something_that_is_no_run_says_so(tmp_path):
 
 def test_a_sweep_resumes_its_unfinished_jobs_in_one_command(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={sweep}")
+    run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={sweep}", "hydra.job.chdir=false")
+    # The sweep's own Hydra settings (its launcher's, say) come back with it.
+    assert "hydra.job.chdir=false" in resume_argv([f"trainer.resume={sweep}"])
     done, unfinished = sweep / "0_full_preact_110", sweep / "1_full_preact_110"
     # Job 1 as a kill after its first checkpoint leaves it: checkpoint at 2, no final summary.
     shutil.rmtree(unfinished)
@@ -71,11 +91,24 @@ def test_a_sweep_resumes_its_unfinished_jobs_in_one_command(tmp_path):
     assert "job 2/2" in proc.stdout + proc.stderr
 
 
+def test_resuming_a_sweep_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={sweep}")
+    before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
+    proc = run_train(f"trainer.resume={sweep}", "optim.lr=0.2", check=False)
+    assert proc.returncode == 2 and "optim.lr=0.2 would change what the runs" in proc.stderr
+    assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
+
+
 def test_each_finished_job_of_a_sweep_prints_a_progress_line(tmp_path):
     proc = run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     out = proc.stdout + proc.stderr
     assert "job 1/2 seed=1: completed" in out and "job 2/2 seed=2: completed" in out
     assert "ETA done" in out
+
+
+def sweep_size(task, params):
+    return math.prod(swept_values(task, params).values())
 
 
 def test_sweep_size_counts_the_command_line_and_the_experiments_values():

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from idmap import IdmapError
-from idmap.rundir import atomic_write, checkpoint_path, write_json  # noqa: F401 (write_json: re-exported)
+from idmap.rundir import atomic_write, checkpoint_path
 
 FORMAT = 1
 

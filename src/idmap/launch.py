@@ -21,7 +21,7 @@ from idmap import IdmapError
 from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, MULTIRUN, SUMMARY, hydra_config_path, hydra_overrides_path,
                           read_summary, update_summary)
 from idmap.runtime import Interrupted, resolve_device
-from idmap.state import RunExists, settings_changed
+from idmap.state import RESUMABLE, RunExists, settings_changed
 from idmap.trainer import train
 
 log = logging.getLogger("idmap")
@@ -44,11 +44,14 @@ def external_group() -> tuple[int, int, int] | None:
     torchrun (its environment variables), or a SLURM/submitit job with several tasks (submitit
     names the master node and exports the same variables). None for a lone process."""
     if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" not in os.environ:
-        with contextlib.suppress(ImportError, RuntimeError):
+        with contextlib.suppress(ImportError):
             import submitit
 
             if submitit.JobEnvironment().num_tasks > 1:
-                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+                # overwrite: a MASTER_PORT or WORLD_SIZE left in the environment must not make the
+                # tasks train as N separate copies into one directory.
+                submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                                      overwrite=True)
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) and int(os.environ["WORLD_SIZE"]) > 1:
         return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return None
@@ -57,7 +60,9 @@ def external_group() -> tuple[int, int, int] | None:
 def _start_group(device_name: str, rank: int, local_rank: int, world_size: int, init_method: str) -> None:
     use_cuda = resolve_device(device_name).type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)  # one process per GPU of its node
+        # One process per GPU of its node; where the scheduler shows each process only its own GPU
+        # (SLURM's --gpus-per-task), that GPU is device 0.
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
     else:  # CPU processes share the node's cores rather than each taking all of them
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
@@ -104,6 +109,7 @@ def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, i
     if cfg.trainer.world_size not in (1, world_size):
         raise IdmapError(f"trainer.world_size={cfg.trainer.world_size} but the launcher started "
                          f"{world_size} processes; leave trainer.world_size at 1 under torchrun")
+    cfg.trainer.world_size = world_size  # so the batch is checked to divide, and recorded
     _start_group(cfg.trainer.device, rank, local_rank, world_size, "env://")
     try:
         if local_rank == 0:  # one process per node fetches (or decodes and caches) the data
@@ -113,12 +119,20 @@ def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, i
         dist.barrier()
         shared = [str(run_dir)]
         dist.broadcast_object_list(shared, src=0)
-        if shared[0] != str(run_dir) and rank:
+        if rank and not _same_dir(shared[0], run_dir):
             _remove_stray(run_dir)
             run_dir = Path(shared[0])
         return train(cfg, run_dir, rank, world_size, choices)
     finally:
         dist.destroy_process_group()
+
+
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    """Two spellings of one folder (a symlink, a relative path) are the same run directory."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
 
 
 def _remove_stray(run_dir: Path) -> None:
@@ -147,35 +161,87 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None) -> di
 # --------------------------------------------------------------------------------------------------
 def resume_argv(argv: list[str]) -> list[str]:
     """The command line that continues the run or sweep in `trainer.resume=DIR`: the run's own
-    overrides (from its .hydra/), then the user's other arguments, which may change how it runs
-    (e.g. raise trainer.max_iters) but not what it computes. Other arguments pass through."""
+    overrides (from its .hydra/ or the sweep's multirun.yaml), then the user's other arguments,
+    which may change how it runs (e.g. raise trainer.max_iters) but not what it computes; those are
+    refused here, before Hydra writes anything. Other command lines pass through unchanged."""
     given = [a for a in argv if a.startswith("trainer.resume=")]
     value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
-    if not value or value.lower() in ("true", "false"):
+    if value.lower() == "true":  # the long form: the same checks, before Hydra writes into the run
+        run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+        if run_dirs and hydra_config_path(Path(run_dirs[-1])).is_file() and "-m" not in argv:
+            task = [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "hydra/"))]
+            _refuse_shortening(Path(run_dirs[-1]), _refuse_other_settings(Path(run_dirs[-1]), task))
+        return argv
+    if not value or value.lower() == "false":
         return argv
     path = Path(value)
     rest = [a for a in argv if not a.startswith("trainer.resume=")]
-    keep = lambda overrides: [o for o in overrides if not o.startswith(("trainer.resume=", "hydra."))]
-    if hydra_overrides_path(path).is_file():  # one run
-        own = keep(OmegaConf.load(hydra_overrides_path(path)))
-        args = [*own, *rest, "trainer.resume=true"]
-        _refuse_other_settings(path, [a for a in args if not a.startswith(("-", "hydra", "+hydra"))])
-        return [*args, f"hydra.run.dir={path}"]
-    if (path / MULTIRUN).is_file():  # a sweep: Hydra runs its jobs again, each into its own dir
-        plan = OmegaConf.load(path / MULTIRUN).hydra
-        own = keep(plan.overrides.task)
-        rest = [a for a in rest if a not in ("-m", "--multirun")]
-        # The sweep's own job folder names, should train.yaml's pattern have changed since.
-        subdir = OmegaConf.to_container(plan.sweep, resolve=False)["subdir"]
-        return ["-m", *own, *rest, "trainer.resume=true", f"hydra.sweep.dir={path}",
-                f"hydra.sweep.subdir={subdir}"]
+    if hydra_overrides_path(path).is_file():
+        return _resume_run(path, rest)
+    if (path / MULTIRUN).is_file():
+        return _resume_sweep(path, rest)
     raise IdmapError(f"trainer.resume={value}: not a run directory (no {hydra_overrides_path(path)}) "
                      f"nor a sweep directory (no {path / MULTIRUN})")
 
 
-def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> None:
-    """Compares the config these overrides compose with the run's own, before Hydra writes a
-    thing into the run directory, so a refused resume leaves the run as it was."""
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _last_per_key(overrides: list[str]) -> list[str]:
+    """One override per key, the last given: a run resumed many times keeps a short record."""
+    last = {_key(o): o for o in overrides}
+    return [o for o in overrides if last[_key(o)] is o]
+
+
+def _quoted(path: Path) -> str:
+    """A path as a quoted Hydra override value: commas, brackets or '=' in it stay part of it."""
+    return "'" + str(path).replace("'", "\\'") + "'"
+
+
+def _resume_run(path: Path, rest: list[str]) -> list[str]:
+    if any(a in ("-m", "--multirun") for a in rest):
+        raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
+    own = [o for o in OmegaConf.load(hydra_overrides_path(path)) if not o.startswith("trainer.resume=")]
+    args = _last_per_key([*own, *rest, "trainer.resume=true"])
+    task = [a for a in args if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
+    new = _refuse_other_settings(path, task)
+    if new["trainer"].get("epochs") and any(_key(a) == "trainer.max_iters" for a in rest):
+        raise IdmapError(f"{path} counts its length in epochs (trainer.epochs={new['trainer']['epochs']}); "
+                         f"extend it with trainer.epochs=N")
+    _refuse_shortening(path, new)
+    # hydra.mode=RUN: a job of an experiment sweep (+experiment=... sets MULTIRUN) resumes as one run.
+    return [*args, "hydra.mode=RUN", f"hydra.run.dir={_quoted(path)}"]
+
+
+def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
+    plan = OmegaConf.load(path / MULTIRUN).hydra
+    rest = [a for a in rest if a not in ("-m", "--multirun")]
+    changed = [a for a in rest if not _runs_differently(a)]
+    if changed:
+        raise IdmapError(f"{', '.join(changed)} would change what the runs of {path} compute; only how "
+                         f"they run may change on resuming (e.g. trainer.max_iters)")
+    own = [o for o in plan.overrides.task if not o.startswith("trainer.resume=")]
+    # The sweep's own launcher settings (partition, account, n_jobs, ...) and job folder names.
+    launcher = [o for o in plan.overrides.hydra if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]
+    subdir = OmegaConf.to_container(plan.sweep, resolve=False)["subdir"]
+    return ["-m", *_last_per_key([*own, *launcher, *rest, "trainer.resume=true"]),
+            f"hydra.sweep.dir={_quoted(path)}", f"hydra.sweep.subdir={subdir}"]
+
+
+def _runs_differently(override: str) -> bool:
+    """Whether an override only changes how runs run (state.RESUMABLE; Hydra's own settings)."""
+    key = _key(override)
+    if key.startswith(("hydra.", "hydra/")):
+        return True
+    section, _, name = key.partition(".")
+    free = RESUMABLE.get(section, set())
+    return free is None or name in free
+
+
+def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> dict:
+    """The config these overrides compose, compared with the run's own before Hydra writes a thing
+    into the run directory, so a refused resume leaves the run as it was."""
     from idmap.config import compose_config
 
     saved = OmegaConf.to_container(OmegaConf.load(hydra_config_path(run_dir)), resolve=False)
@@ -184,17 +250,32 @@ def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> None:
     if changed:
         raise IdmapError(f"{run_dir} was run with other settings ({'; '.join(changed)}); only how it "
                          f"runs may change on resuming (e.g. trainer.max_iters)")
+    return new
+
+
+def _refuse_shortening(run_dir: Path, new: dict) -> None:
+    t = new["trainer"]
+    try:
+        done = read_summary(run_dir).get("iterations") or 0
+    except ValueError:
+        return  # no summary yet: the trainer checks against the checkpoint
+    if t.get("epochs"):
+        return
+    if t["max_iters"] < done:
+        raise IdmapError(f"{run_dir} is at iteration {done} already; trainer.max_iters "
+                         f"({t['max_iters']}) can be raised to extend a run, not lowered")
 
 
 def _already_done(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The summary of a run that a resumed sweep finds completed, so it is not loaded again."""
+    """The summary of a run that a resumed sweep finds finished (completed at this length, or
+    diverged), so that it is not loaded, nor a diverged run given a second chance, again."""
     try:
         summary = read_summary(run_dir)
     except ValueError:
         return None
-    done = (summary["status"] == "completed" and not cfg.trainer.epochs
-            and summary.get("iterations") == summary.get("max_iters") == cfg.trainer.max_iters)
-    return summary if done else None
+    completed = (summary["status"] == "completed" and not cfg.trainer.epochs
+                 and summary.get("iterations") == summary.get("max_iters") == cfg.trainer.max_iters)
+    return summary if completed or summary["status"] == "diverged" else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,11 +298,13 @@ def main(cfg: DictConfig) -> dict | None:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         summary = _already_done(cfg, run_dir) if cfg.trainer.resume else None
-        if summary is None:
-            with pin_job_to_gpu(cfg.gpu_pool) as device:
-                if device is not None:
-                    cfg.trainer.device = device
-                summary = run(cfg, run_dir)
+        if summary is not None:
+            log.info("%s already %s: not run again", run_dir, summary["status"])
+            return summary
+        with pin_job_to_gpu(cfg.gpu_pool) as device:
+            if device is not None:
+                cfg.trainer.device = device
+            summary = run(cfg, run_dir)
         if int(os.environ.get("RANK", 0)):  # one process of a group: rank 0 reports the run
             return summary
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
@@ -229,6 +312,8 @@ def main(cfg: DictConfig) -> dict | None:
             sweep_progress(hc, summary)
         return summary
     except Interrupted as exc:
+        if int(os.environ.get("RANK", 0)):  # rank 0 reports it and hands the signal to submitit
+            return None
         log.warning("%s; continue with trainer.resume=%s (or the same settings, trainer.resume=true "
                     "hydra.run.dir=%s)", exc, run_dir, run_dir)
         handler = signal.getsignal(exc.signum)
@@ -250,6 +335,11 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 def record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
+    """Marks the run failed in its summary.json, unless it completed: a later mistake (a resume with
+    a bad setting) must not turn a finished result into a failure."""
+    with contextlib.suppress(ValueError):
+        if read_summary(run_dir)["status"] == "completed":
+            return
     with contextlib.suppress(Exception):
         update_summary(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}",
                        choices=hydra_choices(), config=OmegaConf.to_container(cfg, resolve=False),
@@ -274,11 +364,6 @@ def swept_values(task_overrides: list[str], sweeper_params: dict | None) -> dict
             for o in parsed if o.is_sweep_override()}
 
 
-def sweep_size(task_overrides: list[str], sweeper_params: dict | None) -> int:
-    """Jobs in a basic sweep: the product of the numbers of swept values."""
-    return math.prod(swept_values(task_overrides, sweeper_params).values())
-
-
 def sweep_progress(hc, summary: dict) -> None:
     """`job k/N <swept values>: <status> <final error>, <wall time>; ETA <time>` after each job. k
     counts the sweep's finished run directories, so it holds with parallel launchers too; the ETA
@@ -290,19 +375,21 @@ def sweep_progress(hc, summary: dict) -> None:
         swept = swept_values(list(plan.overrides.task), OmegaConf.to_container(params) if params else {})
         total = math.prod(swept.values())
         label = " ".join(o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept)
-        summaries = []
+        started = (sweep / MULTIRUN).stat().st_mtime  # this (re)start of the sweep
+        finished, recent = 0, []  # recent: wall times of jobs finished since the (re)start
         for d in sweep.iterdir():
             with contextlib.suppress(ValueError, OSError):
                 s = read_summary(d)
                 if s["status"] != "running":
-                    summaries.append(s)
-        walls = [s.get("wall_time_s") or 0.0 for s in summaries]
-        since = time.time() - (sweep / MULTIRUN).stat().st_mtime
-        side_by_side = max(1.0, sum(walls) / since) if since > 0 else 1.0
-        left = max(0, total - len(summaries))
-        eta = left * (sum(walls) / len(walls)) / side_by_side if walls else 0.0
+                    finished += 1
+                    if (d / SUMMARY).stat().st_mtime >= started:
+                        recent.append(s.get("wall_time_s") or 0.0)
+        since = time.time() - started
+        side_by_side = max(1.0, sum(recent) / since) if since > 0 else 1.0
+        left = max(0, total - finished)
+        eta = left * (sum(recent) / len(recent)) / side_by_side if recent else 0.0
         error = summary.get("final_test_error")
-        log.info("job %d/%d %s: %s%s, %s; ETA %s", len(summaries), total, label, summary["status"],
+        log.info("job %d/%d %s: %s%s, %s; ETA %s", finished, total, label, summary["status"],
                  "" if error is None else f" {error:.2f}%", _clock(summary.get("wall_time_s") or 0.0),
                  _clock(eta) if left else "done")
     except Exception as exc:  # progress is a courtesy: never let it fail a job

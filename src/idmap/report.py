@@ -135,7 +135,7 @@ class Line:
         """(low, high, coverage) for the median, from the seeds (stats.median_interval)."""
         return stats.median_interval(self.outcomes)
 
-    @property
+    @cached_property  # a bootstrap and a permutation test: computed once
     def comparison(self) -> Optional[stats.Comparison]:
         """This line's seeds against the baseline's; None for the baseline itself or no runs."""
         if self.baseline is None or self.baseline is self or not self.baseline.outcomes:

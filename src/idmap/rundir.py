@@ -135,9 +135,6 @@ class RunLog:
             self.writer.add_scalar(tag, entry[key], entry["iteration"])
         self.writer.flush()
 
-    def add(self, tag: str, value: float, step: int) -> None:
-        self.writer.add_scalar(tag, value, step)
-
     def close(self, summary: dict) -> None:
         final = summary["final_test_error"]
         self.writer.add_scalar("hparam/final_test_error", math.nan if final is None else final,

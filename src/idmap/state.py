@@ -85,7 +85,7 @@ class TrainState:
     config: dict
     num_classes: int
     iteration: int = 0
-    elapsed: float = 0.0  # training seconds before this process started
+    elapsed: float = 0.0  # training seconds up to `iteration` (as saved; the loop adds its own)
     best_test_error: float | None = None
     metrics: list[dict] = field(default_factory=list)
 

@@ -26,7 +26,7 @@ from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
 from idmap.rundir import CHECKPOINT, RunLog, git_commit
 from idmap.runtime import Interrupted, StopFlag, configure, resolve_device
-from idmap.state import BatchStream, TrainState
+from idmap.state import BatchStream, RunExists, TrainState
 
 log = logging.getLogger("idmap")
 
@@ -128,9 +128,6 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     state, model = build(cfg, data, device, world_size)
     state.resume_from(run_dir / CHECKPOINT, cfg.trainer.resume, rank)
     loop = Loop(cfg, run_dir, state, model, data, rank, world_size)
-    if state.iteration > loop.max_iters:
-        raise IdmapError(f"{run_dir} is at iteration {state.iteration} already; trainer.max_iters "
-                         f"({loop.max_iters}) can be raised to extend a run, not lowered")
     summary = new_summary(cfg, state.model, data.info, device, loop.max_iters, choices or {})
     status, signum = loop.run()
     metrics = state.metrics
@@ -166,6 +163,9 @@ class Loop:
         self.max_iters = round(t.epochs * self.per_epoch) if t.epochs else t.max_iters
         self.milestones = ([round(e * self.per_epoch) for e in o.milestone_epochs] if o.milestone_epochs
                            else list(o.milestones))
+        if state.iteration > self.max_iters:  # refused before any file of the run is touched
+            raise RunExists(f"{run_dir} is at iteration {state.iteration} already; trainer.max_iters "
+                            f"({self.max_iters}) can be raised to extend a run, not lowered")
         self.local = slice(rank * t.batch_size // world_size, (rank + 1) * t.batch_size // world_size)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
                          else contextlib.nullcontext())
@@ -253,10 +253,10 @@ class Loop:
             self.progress.set_postfix(loss=f"{loss_sum / seen:.3f}", err=f"{100 * wrong_sum / seen:.1f}%",
                                       lr=f"{lr:g}", img_s=f"{rate:.0f}")
         if done % self.t.eval_every == 0 or done == self.max_iters:
-            return self.evaluate(done, lr), signum
+            return self.close_window(done, lr), signum
         return "completed", signum
 
-    def evaluate(self, done: int, lr: float) -> str:
+    def close_window(self, done: int, lr: float) -> str:
         """Closes an evaluation window: train loss/error over it, test loss/error now; rank 0 logs."""
         state, sums = self.state, self.state.sums
         if self.world_size > 1:
