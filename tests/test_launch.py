@@ -89,6 +89,9 @@ def test_a_sweep_resumes_its_unfinished_jobs_in_one_command(tmp_path):
     assert [m["iteration"] for m in _metrics(unfinished)] == [2, 4]
     assert (done / "summary.json").read_bytes() == finished_before  # a completed job is not run again
     assert "job 2/2" in proc.stdout + proc.stderr
+    # The resumed sweep's own record resumes again (its job folder pattern stays unresolved).
+    assert "hydra.sweep.subdir=${hydra.job.num}_${hydra:runtime.choices.block}_${hydra:runtime.choices.depth}" \
+        in resume_argv([f"trainer.resume={sweep}"])
 
 
 def test_resuming_a_sweep_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path):

@@ -184,6 +184,11 @@ def resume_argv(argv: list[str]) -> list[str]:
                      f"nor a sweep directory (no {path / MULTIRUN})")
 
 
+def _strings(overrides) -> list[str]:
+    """Recorded overrides as written: values such as ${hydra.job.num} stay unresolved."""
+    return OmegaConf.to_container(overrides, resolve=False)
+
+
 def _key(override: str) -> str:
     return override.partition("=")[0].lstrip("+~")
 
@@ -202,7 +207,8 @@ def _quoted(path: Path) -> str:
 def _resume_run(path: Path, rest: list[str]) -> list[str]:
     if any(a in ("-m", "--multirun") for a in rest):
         raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
-    own = [o for o in OmegaConf.load(hydra_overrides_path(path)) if not o.startswith("trainer.resume=")]
+    own = [o for o in _strings(OmegaConf.load(hydra_overrides_path(path)))
+           if not o.startswith("trainer.resume=")]
     args = _last_per_key([*own, *rest, "trainer.resume=true"])
     task = [a for a in args if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
     new = _refuse_other_settings(path, task)
@@ -221,9 +227,10 @@ def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
     if changed:
         raise IdmapError(f"{', '.join(changed)} would change what the runs of {path} compute; only how "
                          f"they run may change on resuming (e.g. trainer.max_iters)")
-    own = [o for o in plan.overrides.task if not o.startswith("trainer.resume=")]
+    overrides = OmegaConf.to_container(plan.overrides, resolve=False)
+    own = [o for o in overrides["task"] if not o.startswith("trainer.resume=")]
     # The sweep's own launcher settings (partition, account, n_jobs, ...) and job folder names.
-    launcher = [o for o in plan.overrides.hydra if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]
+    launcher = [o for o in overrides["hydra"] if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]
     subdir = OmegaConf.to_container(plan.sweep, resolve=False)["subdir"]
     return ["-m", *_last_per_key([*own, *launcher, *rest, "trainer.resume=true"]),
             f"hydra.sweep.dir={_quoted(path)}", f"hydra.sweep.subdir={subdir}"]
@@ -372,9 +379,10 @@ def sweep_progress(hc, summary: dict) -> None:
         sweep = Path(hc.sweep.dir)
         plan = OmegaConf.load(sweep / MULTIRUN).hydra
         params = plan.sweeper.get("params")
-        swept = swept_values(list(plan.overrides.task), OmegaConf.to_container(params) if params else {})
+        task = _strings(plan.overrides)["task"]
+        swept = swept_values(task, OmegaConf.to_container(params, resolve=False) if params else {})
         total = math.prod(swept.values())
-        label = " ".join(o for o in hc.overrides.task if o.partition("=")[0].lstrip("+~") in swept)
+        label = " ".join(o for o in _strings(hc.overrides.task) if _key(o) in swept)
         started = (sweep / MULTIRUN).stat().st_mtime  # this (re)start of the sweep
         finished, recent = 0, []  # recent: wall times of jobs finished since the (re)start
         for d in sweep.iterdir():
