@@ -274,14 +274,15 @@ def _refuse_shortening(run_dir: Path, new: dict) -> None:
 
 
 def _already_done(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The summary of a run that a resumed sweep finds finished (completed at this length, or
-    diverged), so that it is not loaded, nor a diverged run given a second chance, again."""
+    """The summary of a run that a resumed sweep finds finished (completed at this length or
+    beyond, or diverged), so that it is not loaded, nor a diverged run given a second chance."""
     try:
         summary = read_summary(run_dir)
     except ValueError:
         return None
+    # A run already past this length (extended on its own) is done too: resuming never shortens.
     completed = (summary["status"] == "completed" and not cfg.trainer.epochs
-                 and summary.get("iterations") == summary.get("max_iters") == cfg.trainer.max_iters)
+                 and (summary.get("iterations") or 0) >= cfg.trainer.max_iters)
     return summary if completed or summary["status"] == "diverged" else None
 
 
@@ -334,8 +335,10 @@ def main(cfg: DictConfig) -> dict | None:
         if full_error or (not multirun and not isinstance(exc, IdmapError)):
             raise
         if multirun:
-            log.error("job failed: %s (details in %s)", exc, run_dir / SUMMARY)
-            sweep_progress(hc, {"status": "failed", "final_test_error": None})
+            refused = isinstance(exc, RunExists)
+            log.error("job %s: %s (%s)", "refused" if refused else "failed", exc,
+                      "the run is left as it was" if refused else f"details in {run_dir / SUMMARY}")
+            sweep_progress(hc, {"status": "refused" if refused else "failed", "final_test_error": None})
             return None
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
