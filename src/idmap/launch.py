@@ -168,7 +168,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
     if value.lower() == "true":  # the long form: the same checks, before Hydra writes into the run
         run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
-        if run_dirs and hydra_config_path(Path(run_dirs[-1])).is_file() and "-m" not in argv:
+        if run_dirs and hydra_config_path(Path(run_dirs[-1])).is_file() and not {"-m", "--multirun"} & set(argv):
             task = [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "hydra/"))]
             _refuse_shortening(Path(run_dirs[-1]), _refuse_other_settings(Path(run_dirs[-1]), task))
         return argv
@@ -239,7 +239,7 @@ def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
 def _runs_differently(override: str) -> bool:
     """Whether an override only changes how runs run (state.RESUMABLE; Hydra's own settings)."""
     key = _key(override)
-    if key.startswith(("hydra.", "hydra/")):
+    if key.startswith(("hydra.", "hydra/")) or key == "launcher":  # e.g. resume on SLURM instead
         return True
     section, _, name = key.partition(".")
     free = RESUMABLE.get(section, set())
