@@ -43,12 +43,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    """The trained model of a run directory or checkpoint file, and the run's config as a dict."""
+def model_from_state(state: dict) -> torch.nn.Module:
+    """A checkpoint's model, rebuilt from its config and loaded with its weights (on the CPU)."""
     from idmap.models import build_resnet, model_kwargs
 
-    state = load_checkpoint(path, map_location)
-    cfg = state["config"]
-    model = build_resnet(**model_kwargs(cfg, state["num_classes"]))
+    model = build_resnet(**model_kwargs(state["config"], state["num_classes"]))
     model.load_state_dict(state["model"])
-    return model, cfg
+    return model
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    """The trained model of a run directory or checkpoint file, and the run's config as a dict."""
+    state = load_checkpoint(path, map_location)
+    return model_from_state(state), state["config"]

@@ -397,6 +397,12 @@ def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> t
     return (x_uint8 - 255 * mean.to(dev, f32)).div_(255 * std.to(dev, f32))
 
 
+def model_input(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """Un-augmented images as a model reads them: normalised, in the run's memory format."""
+    return normalize(x_uint8, mean, std).contiguous(memory_format=memory_format)
+
+
 def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = 4) -> torch.Tensor:
     """Image i: its H x W window at offset (dy[i], dx[i]) of x zero-padded by `pad`, mirrored where flip[i].
 

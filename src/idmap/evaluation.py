@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import logging
 import re
 import sys
@@ -22,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint
+from idmap.checkpoint import load_checkpoint, model_from_state
 from idmap.rundir import atomic_write, checkpoint_path, write_json
-from idmap.runtime import resolve_device
+from idmap.runtime import autocast, memory_format, resolve_device, set_tf32
 
 
 @dataclass
@@ -209,18 +210,12 @@ def slug(label: str) -> str:
     return s[:80].rstrip("-") or "data"
 
 
-def _model(state: dict, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    from idmap.models import build_resnet, model_kwargs
-
+def _model(state: dict) -> torch.nn.Module:
     try:
-        model = build_resnet(**model_kwargs(state["config"], state["num_classes"]))
-        model.load_state_dict(state["model"])
+        return model_from_state(state)
     except (KeyError, ValueError, RuntimeError) as exc:
         raise IdmapError(f"cannot rebuild the checkpoint's model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]})") from None
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return model.to(device).to(memory_format=fmt)
-
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), data_dir: str | Path | None = None,
@@ -243,17 +238,13 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), data_di
     dev = resolve_device(device)
     # The run's matmul/convolution precision, as runtime.configure sets it; not its deterministic
     # mode, which would refuse the confusion matrix's bincount on CUDA.
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = trainer.precision == "tf32"
-    model = _model(state, dev, trainer.channels_last)
-    fmt = torch.channels_last if trainer.channels_last else torch.contiguous_format
-    mean, std = inputs.mean.to(dev), inputs.std.to(dev)
-
-    def prepare(x: torch.Tensor) -> torch.Tensor:  # DeviceData.prepare's, with the statistics above
-        return datamod.normalize(x, mean, std).contiguous(memory_format=fmt)
-
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if trainer.precision == "bf16" else None
-    result = evaluate(model, data.test_x.to(dev), data.test_y.to(dev), batch_size, prepare, autocast,
-                      num_classes=k)
+    set_tf32(trainer.precision)
+    fmt = memory_format(trainer.channels_last)
+    model = _model(state).to(dev).to(memory_format=fmt)
+    prepare = functools.partial(datamod.model_input, mean=inputs.mean.to(dev), std=inputs.std.to(dev),
+                                memory_format=fmt)  # as the trainer's DeviceData.prepare
+    result = evaluate(model, data.test_x.to(dev), data.test_y.to(dev), batch_size, prepare,
+                      autocast(trainer.precision, dev), num_classes=k)
     confusion = result.confusion.cpu()
     return {
         "data": data.label,

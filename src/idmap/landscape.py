@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint
+from idmap.checkpoint import load_checkpoint, model_from_state
 from idmap.evaluation import evaluate
-from idmap.models import build_resnet, model_kwargs
 from idmap.rundir import atomic_write
 from idmap.runtime import resolve_device
 
@@ -100,9 +99,7 @@ def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int 
     dev = resolve_device(device)
     state = load_checkpoint(path)
     cfg = state["config"]
-    model = build_resnet(**model_kwargs(cfg, state["num_classes"]))
-    model.load_state_dict(state["model"])
-    model.to(dev).eval()
+    model = model_from_state(state).to(dev).eval()
     x, y = (t.to(dev) for t in training_images(cfg, samples))
     gen = torch.Generator().manual_seed(seed)
     params = list(model.parameters())

@@ -227,7 +227,7 @@ def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
     if changed:
         raise IdmapError(f"{', '.join(changed)} would change what the runs of {path} compute; only how "
                          f"they run may change on resuming (e.g. trainer.max_iters)")
-    overrides = OmegaConf.to_container(plan.overrides, resolve=False)
+    overrides = _strings(plan.overrides)
     own = [o for o in overrides["task"] if not o.startswith("trainer.resume=")]
     # The sweep's own launcher settings (partition, account, n_jobs, ...) and job folder names.
     launcher = [o for o in overrides["hydra"] if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]

@@ -3,6 +3,7 @@ ask a run to stop."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,10 +34,23 @@ def configure(trainer, seed: int) -> None:
     if trainer.deterministic:
         torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # fp32 means fp32: cuDNN would otherwise use TF32 for convolutions by default.
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = trainer.precision == "tf32"
+    set_tf32(trainer.precision)
     torch.backends.cudnn.benchmark = not trainer.deterministic
     torch.manual_seed(seed)
+
+
+def set_tf32(precision: str) -> None:
+    # fp32 means fp32: cuDNN would otherwise use TF32 for convolutions by default.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast (fp32 master weights) for trainer.precision=bf16; fp32 and tf32 need none."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 # SIGUSR2 is how submitit/SLURM announce a timeout or preemption shortly before they kill the job.

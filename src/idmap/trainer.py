@@ -8,7 +8,6 @@ directory's files rundir.py's, the device and signals runtime.py's.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
@@ -25,7 +24,7 @@ from idmap import IdmapError, data as datamod
 from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
 from idmap.rundir import CHECKPOINT, RunLog, git_commit
-from idmap.runtime import Interrupted, StopFlag, configure, resolve_device
+from idmap.runtime import Interrupted, StopFlag, autocast, configure, memory_format, resolve_device
 from idmap.state import BatchStream, RunExists, TrainState
 
 log = logging.getLogger("idmap")
@@ -74,14 +73,14 @@ class DeviceData:
             raise IdmapError(f"trainer.batch_size {batch_size} is larger than the training set "
                              f"({len(ds.train_y)} images)")
         self.info, self.augment = ds, cfg.dataset.augment
-        self.format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+        self.format = memory_format(cfg.trainer.channels_last)
         self.mean, self.std = (v.to(device) for v in datamod.normalization(ds.train_x, cfg.dataset.normalization))
         self.train_x, self.train_y = ds.train_x.to(device), ds.train_y.to(device)
         self.test_x, self.test_y = ds.test_x.to(device), ds.test_y.to(device)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images -> the model's normalised float input."""
-        return datamod.normalize(x, self.mean, self.std).contiguous(memory_format=self.format)
+        return datamod.model_input(x, self.mean, self.std, self.format)
 
     def batch(self, idx: torch.Tensor, draws: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         x = datamod.normalize(self.train_x[idx], self.mean, self.std)
@@ -167,8 +166,7 @@ class Loop:
             raise RunExists(f"{run_dir} is at iteration {state.iteration} already; trainer.max_iters "
                             f"({self.max_iters}) can be raised to extend a run, not lowered")
         self.local = slice(rank * t.batch_size // world_size, (rank + 1) * t.batch_size // world_size)
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if t.precision == "bf16"
-                         else contextlib.nullcontext())
+        self.autocast = autocast(t.precision, self.device)
         self.ckpt_path = run_dir / CHECKPOINT
         self.runlog = RunLog(run_dir, hparams(cfg), state.metrics, state.iteration) if self.rank0 else None
         # Signal propagation is logged on one fixed, un-augmented batch so its curves compare over time.
