@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 
+from idmap.norm import GhostBatchNorm2d, frozen_running_stats, norm as _norm
+
 
 # --------------------------------------------------------------------------------------------------
 # Figure 4: where BN and ReLU go. `layer` wraps every weight layer of the branch but the last,
@@ -57,25 +59,6 @@ UNIT_LAYERS = {
     "single": ((3, 1),),
 }
 EXPANSION = {unit: layers[-1][1] for unit, layers in UNIT_LAYERS.items()}
-
-
-class GhostBatchNorm2d(nn.BatchNorm2d):
-    """BN whose training statistics come from chunks of `bn_batch` images: the paper's batch of 128
-    was split over 2 GPUs, so its BN saw 64 images at a time. The running averages take one update
-    per chunk; which replica's averages the paper tested with is UNVERIFIED."""
-
-    def __init__(self, num_features: int, bn_batch: int):
-        super().__init__(num_features)
-        self.bn_batch = bn_batch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.shape[0] <= self.bn_batch:
-            return super().forward(x)
-        return torch.cat([super(GhostBatchNorm2d, self).forward(c) for c in x.split(self.bn_batch)])
-
-
-def _norm(channels: int, bn_batch: int | None) -> nn.Module:
-    return GhostBatchNorm2d(channels, bn_batch) if bn_batch else nn.BatchNorm2d(channels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,29 +261,20 @@ class ResNet(nn.Module):
         x = self.stem(x)
         for unit in self.units:
             if self.checkpointing and self.training and x.requires_grad:
-                x = recompute(unit, x, use_reentrant=False,
-                               context_fn=lambda u=unit: (contextlib.nullcontext(), _bn_stats_frozen(u)))
+                x = recompute(unit, x, use_reentrant=False, **_recompute_once(unit))
             else:
                 x = unit(x)
         # Global average pooling as a mean: adaptive_avg_pool2d's CUDA backward is not deterministic.
         return self.fc(self.head_act(x).mean((2, 3)))
 
 
-@contextlib.contextmanager
-def _bn_stats_frozen(module: nn.Module):
-    """Activation checkpointing runs each unit's forward again during backward; BN must normalise
-    with the same batch statistics but not update its running averages a second time. Momentum 0
-    keeps the running averages as they are while the recomputation saves the same tensors."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, (momentum, tracked) in zip(bns, saved):
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
+def _recompute_once(unit: nn.Module) -> dict:
+    """Eager recomputation runs BN's forward again, so it runs with the running statistics frozen.
+    Compiled, the graph holds BN's buffer updates once, in the forward, and dynamo accepts no
+    context_fn but selective checkpointing's: there is nothing to freeze."""
+    if torch.compiler.is_compiling():
+        return {}
+    return dict(context_fn=lambda: (contextlib.nullcontext(), frozen_running_stats(unit)))
 
 
 # --------------------------------------------------------------------------------------------------
