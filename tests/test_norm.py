@@ -86,3 +86,17 @@ def test_ghost_bn_normalises_a_batch_of_chunks_in_one_pass_without_a_cat():
         bn(torch.randn(128, 3, 4, 4))
     assert "cat" not in calls.names and "batch_norm" not in calls.names, calls.names
     assert calls.names.count("var_mean") == 1, calls.names
+
+
+def test_eager_activation_checkpointing_updates_one_pass_ghost_bn_statistics_once():
+    torch.manual_seed(0)
+    plain = build_resnet(8, widths=(4, 8, 16), bn_batch=4)
+    recomputed = build_resnet(8, widths=(4, 8, 16), bn_batch=4, checkpointing=True)
+    recomputed.load_state_dict(plain.state_dict())
+    x, y = torch.randn(12, 3, 16, 16), torch.randint(0, 10, (12,))
+    for m in (plain, recomputed):
+        nn.functional.cross_entropy(m(x), y).backward()
+    for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), recomputed.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

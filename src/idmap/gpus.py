@@ -145,6 +145,31 @@ def _cuda_initialized() -> bool:
     return torch is not None and torch.cuda.is_initialized()
 
 
+def _cuda_device_count() -> int:
+    """The GPUs CUDA itself sees once started (torch.cuda.device_count asks NVML, which reads the
+    mask afresh, whatever CUDA saw when it started)."""
+    import torch
+
+    torch.cuda.init()
+    return torch._C._cuda_getDeviceCount()
+
+
+def _check_masked(device: str) -> None:
+    """Starts CUDA under the job's mask and checks that it took. Where torch cannot use NVML,
+    counting the GPUs started CUDA before the mask was set, and every job would train on GPU 0."""
+    import torch
+
+    if not torch.cuda.is_available():  # a pool of stand-in ids (tests), or no GPU after all
+        return
+    seen = _cuda_device_count()
+    if seen != 1:
+        raise IdmapError(
+            f"gpu_pool: this job claimed GPU {device}, but CUDA started before the job could hide the "
+            f"others and sees {seen} GPUs (torch could not count them through NVML); give each job its "
+            f"GPU with CUDA_VISIBLE_DEVICES yourself, or set gpu_pool.enabled=false"
+        )
+
+
 @contextlib.contextmanager
 def pin_job_to_gpu(gpu_pool, num_gpus: Optional[int] = None) -> Iterator[Optional[str]]:
     """Give this job one GPU of the pool for the block's lifetime; a no-op when the pool is off.
@@ -170,6 +195,7 @@ def pin_job_to_gpu(gpu_pool, num_gpus: Optional[int] = None) -> Iterator[Optiona
         before = os.environ.get("CUDA_VISIBLE_DEVICES")
         os.environ["CUDA_VISIBLE_DEVICES"] = claim.device
         try:
+            _check_masked(claim.device)
             yield "cuda:0"
         finally:
             # If CUDA started under the mask, the process keeps that GPU for life; the variable

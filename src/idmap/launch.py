@@ -4,6 +4,7 @@ pinning, exit codes and failure records. Below this module everything takes a pl
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, MULTIRUN, SUMMARY, hydra_config_
                           read_summary, update_summary)
 from idmap.runtime import Interrupted, resolve_device
 from idmap.state import RESUMABLE, RunExists, settings_changed
-from idmap.trainer import train
+from idmap.trainer import train, validate
 
 log = logging.getLogger("idmap")
 
@@ -59,15 +60,34 @@ def external_group() -> tuple[int, int, int] | None:
 
 def _start_group(device_name: str, rank: int, local_rank: int, world_size: int, init_method: str) -> None:
     use_cuda = resolve_device(device_name).type == "cuda"
+    bind = {}
     if use_cuda:
-        # One process per GPU of its node; where the scheduler shows each process only its own GPU
-        # (SLURM's --gpus-per-task), that GPU is device 0.
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        # Processes that all see the node's GPUs (torchrun; _spawn checks its own) need one each;
+        # where the scheduler shows each process only its own (SLURM's --gpus-per-task) it is
+        # device 0. Any other sharing NCCL finds as the communicator forms (device_id).
+        if local_rank >= count and os.environ.get("TORCHELASTIC_RUN_ID"):
+            raise IdmapError(_shared_gpu(local_rank + 1, count))
+        device = torch.device("cuda", local_rank % count)
+        torch.cuda.set_device(device)
+        if "device_id" in inspect.signature(dist.init_process_group).parameters:  # torch >= 2.3
+            bind = dict(device_id=device)  # NCCL forms its communicator now, on this GPU
     else:  # CPU processes share the node's cores rather than each taking all of them
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
-                            world_size=world_size)
+    try:
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=init_method, rank=rank,
+                                world_size=world_size, **bind)
+    except RuntimeError as exc:  # DistBackendError; torch.distributed names it only from 2.1
+        if "Duplicate GPU" not in str(exc):
+            raise
+        raise IdmapError(_shared_gpu(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), count)) from None
+
+
+def _shared_gpu(processes: int, gpus: int) -> str:
+    return (f"{processes} processes on this node but {gpus} GPU(s): NCCL cannot put two ranks on one GPU; "
+            f"start at most {gpus} per node (trainer.world_size, torchrun --nproc-per-node, or SLURM "
+            f"--ntasks-per-node), or give each task its own GPU (--gpus-per-task=1)")
 
 
 def _spawned(rank: int, world_size: int, cfg_dict: dict, run_dir: str, port: int, choices: dict) -> None:
@@ -89,12 +109,15 @@ def _spawn(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
 
     from idmap.data import load_dataset
 
+    world_size = cfg.trainer.world_size
+    validate(cfg)  # a bad value is one line here, not a traceback from every child process
+    if resolve_device(cfg.trainer.device).type == "cuda" and world_size > torch.cuda.device_count():
+        raise IdmapError(_shared_gpu(world_size, torch.cuda.device_count()))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     load_dataset(cfg.dataset)  # fetch (or decode and cache) once here, so the ranks do not race
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    world_size = cfg.trainer.world_size
     mp.spawn(_spawned, args=(world_size, cfg_dict, str(run_dir), port, choices), nprocs=world_size, join=True)
     summary = read_summary(run_dir)
     if summary["status"] == "interrupted":
@@ -110,6 +133,7 @@ def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, i
         raise IdmapError(f"trainer.world_size={cfg.trainer.world_size} but the launcher started "
                          f"{world_size} processes; leave trainer.world_size at 1 under torchrun")
     cfg.trainer.world_size = world_size  # so the batch is checked to divide, and recorded
+    validate(cfg)  # before a GPU is taken or the group waits for its other ranks
     _start_group(cfg.trainer.device, rank, local_rank, world_size, "env://")
     try:
         if local_rank == 0:  # one process per node fetches (or decodes and caches) the data
@@ -309,6 +333,7 @@ def main(cfg: DictConfig) -> dict | None:
         if summary is not None:
             log.info("%s already %s: not run again", run_dir, summary["status"])
             return summary
+        validate(cfg)  # before a GPU is pinned or processes are spawned
         with pin_job_to_gpu(cfg.gpu_pool) as device:
             if device is not None:
                 cfg.trainer.device = device

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -30,9 +31,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def configure(trainer, seed: int) -> None:
-    """Numeric flags and the seed, before anything is built."""
+    """Numeric flags and the seed, before anything is built. Each flag is set either way, so a run
+    in a process that ran another (a joblib worker, a test session) starts as in a fresh one."""
+    torch.use_deterministic_algorithms(bool(trainer.deterministic))
     if trainer.deterministic:
-        torch.use_deterministic_algorithms(True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     set_tf32(trainer.precision)
     torch.backends.cudnn.benchmark = not trainer.deterministic
@@ -40,8 +42,26 @@ def configure(trainer, seed: int) -> None:
 
 
 def set_tf32(precision: str) -> None:
-    # fp32 means fp32: cuDNN would otherwise use TF32 for convolutions by default.
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    """TF32 for trainer.precision=tf32 only: fp32 means fp32, though cuDNN would use TF32 for
+    convolutions by default. `default` is what PyTorch ships (TF32 convolutions, fp32 matrix
+    products), the benchmark's classic loop. Through the fp32_precision settings where torch has
+    them (2.9+ deprecates allow_tf32), else the allow_tf32 flags."""
+    conv = "tf32" if precision in ("tf32", "default") else "ieee"
+    matmul = "tf32" if precision == "tf32" else "ieee"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*allow_tf32")
+        # Also where the new settings decide: torch raises when code reads an allow_tf32 flag that
+        # disagrees with them (inductor's convolution templates read cuDNN's).
+        torch.backends.cudnn.allow_tf32 = conv == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
+    if _fp32_precision_api():
+        # conv and rnn alike: torch refuses to read cuDNN's flag when the two differ.
+        torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = conv
+        torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+def _fp32_precision_api() -> bool:
+    return hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -22,14 +22,18 @@ class RunExists(IdmapError):
 class BatchStream:
     """Shuffled passes over the data set, back to back. Every batch is full (static shapes for
     compile and CUDA graphs) and every image is seen once per epoch: a batch that crosses an epoch
-    boundary takes the rest of one permutation and the start of the next, as Caffe's data layer."""
+    boundary takes the rest of one permutation and the start of the next, as Caffe's data layer.
+    The generator is a CPU one whatever the run's device: CPU and CUDA generators differ in kind
+    and state, and one data order that any device can continue lets a run move between them."""
 
     def __init__(self, n: int, generator: torch.Generator):
+        if generator.device.type != "cpu":
+            raise ValueError("BatchStream draws the data order from a CPU generator")
         self.n, self.g = n, generator
         self.perm, self.pos = self._shuffle(), 0
 
     def _shuffle(self) -> torch.Tensor:
-        return torch.randperm(self.n, generator=self.g, device=self.g.device)
+        return torch.randperm(self.n, generator=self.g)
 
     def next(self, size: int) -> torch.Tensor:
         parts = []
@@ -45,15 +49,33 @@ class BatchStream:
         return {"perm": self.perm.cpu(), "pos": self.pos, "generator": self.g.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.perm, self.pos = state["perm"].to(self.g.device), state["pos"]
-        self.g.set_state(state["generator"])
+        self.perm, self.pos = state["perm"].cpu(), state["pos"]
+        self.g.set_state(state["generator"].cpu())
+
+    @staticmethod
+    def restorable(state: dict) -> bool:
+        """False for a checkpoint whose data order came from a GPU generator (idmap before issue
+        20): its state is no CPU generator's, and no CPU generator continues that order."""
+        return state["generator"].numel() == torch.Generator().get_state().numel()
 
 
 # Settings a resumed run may change: how it runs, not what it computes.
 RESUMABLE = {"trainer": {"max_iters", "epochs", "eval_every", "eval_batch_size", "checkpoint_every",
                          "log_every", "device", "resume", "progress", "signal_every", "world_size",
                          "precision", "channels_last", "compile", "deterministic"},
-             "dataset": {"root", "download", "label"}, "gpu_pool": None, "tags": None}
+             "optim": {"impl"}, "dataset": {"root", "download", "label"}, "gpu_pool": None, "tags": None}
+
+# Resumable settings that pick other kernels: a resume that changes one continues the run equal up
+# to rounding, not bit for bit (README, "Resuming").
+SPEED_SWITCHES = {"trainer": ("device", "precision", "channels_last", "compile", "deterministic"),
+                  "optim": ("impl",)}
+
+
+def switches_changed(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for every speed switch that differs between a checkpoint's run and this one."""
+    return [f"{section}.{key}: {old.get(section, {}).get(key)} -> {new.get(section, {}).get(key)}"
+            for section, keys in SPEED_SWITCHES.items() for key in keys
+            if old.get(section, {}).get(key) != new.get(section, {}).get(key)]
 
 
 def settings_changed(old: dict, new: dict) -> list[str]:
@@ -108,9 +130,11 @@ class TrainState:
         self.stream.load_state_dict(state["stream"])
         if with_sums:
             self.sums.copy_(state["sums"])
-        torch.set_rng_state(state["rng_cpu"])
+        # RNG states are CPU ByteTensors whatever device the checkpoint was read onto: torch's
+        # setters take nothing else.
+        torch.set_rng_state(state["rng_cpu"].cpu())
         if self.sums.device.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"], self.sums.device)
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.sums.device)
         self.iteration, self.elapsed = state["iteration"], state["elapsed"]
         self.best_test_error = state["best_test_error"]
         self.metrics = [m for m in state["metrics"] if m["iteration"] <= self.iteration]
@@ -130,13 +154,24 @@ class TrainState:
                 f"{path.parent} already holds a checkpoint; continue it with trainer.resume=true "
                 f"(and the same hydra.run.dir), or choose another run directory"
             )
-        state = load_checkpoint(path, map_location=self.sums.device)
+        # Read onto the CPU: loading copies weights, optimizer state and sums to the run's device.
+        state = load_checkpoint(path)
         changed = settings_changed(state["config"], self.config)
         if changed:
             raise RunExists(
                 f"{path} was trained with other settings ({'; '.join(changed)}); resume with the "
                 f"run's own settings (summary.json's 'config') or choose another run directory"
             )
+        if not BatchStream.restorable(state["stream"]):
+            raise RunExists(
+                f"{path} holds a data order drawn on a GPU by an older idmap, which this one (drawing "
+                f"it on the CPU, so that runs move between devices) cannot continue; start the run "
+                f"afresh in another run directory"
+            )
         self.load_state_dict(state, with_sums=rank == 0)
+        switched = switches_changed(state["config"], self.config)
         if rank == 0:
             log.info("resuming %s at iteration %d", path.parent, self.iteration)
+            if switched:
+                log.warning("resuming with other speed switches (%s): the run continues equal up to "
+                            "rounding, not bit for bit", "; ".join(switched))

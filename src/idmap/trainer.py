@@ -82,10 +82,20 @@ class DeviceData:
         """uint8 images -> the model's normalised float input."""
         return datamod.model_input(x, self.mean, self.std, self.format)
 
-    def batch(self, idx: torch.Tensor, draws: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, stream: BatchStream, size: int, local: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's slice of the next global batch. The data order and the crop/flip draws
+        come from the stream's CPU generator, the same on every device, and reach the device as one
+        small tensor per step (pinned, so the copy does not wait for the host)."""
+        idx = stream.next(size)
+        dy, dx, flip = datamod.draw_crop_flip(size, stream.g, PAD)
+        drawn = torch.stack([idx, dy, dx, flip.long()])[:, local]
+        device = self.train_y.device
+        if device.type == "cuda":
+            drawn = drawn.pin_memory()
+        idx, dy, dx, flip = drawn.to(device, non_blocking=True)
         x = datamod.normalize(self.train_x[idx], self.mean, self.std)
         if self.augment:
-            x = datamod.crop_flip(x, *draws, PAD)
+            x = datamod.crop_flip(x, dy, dx, flip, PAD)
         return x.contiguous(memory_format=self.format), self.train_y[idx]
 
 
@@ -103,12 +113,16 @@ def build(cfg: DictConfig, data: DeviceData, device: torch.device, world_size: i
         model = torch.nn.parallel.DistributedDataParallel(
             raw, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     if t.compile != "none":
+        # A fresh start for dynamo: graphs of earlier runs in this process (a joblib worker, a
+        # test session) would otherwise count towards its recompile limit, past which it falls
+        # back to eager without a word.
+        torch.compiler.reset()
         model = torch.compile(model, mode=None if t.compile == "default" else t.compile)
     impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "loop": dict(foreach=False)}[o.impl]
     optimizer = torch.optim.SGD(raw.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                 weight_decay=o.weight_decay, **impl)
     # Every process draws the same global batch and takes its slice: one seed, one data order.
-    stream = BatchStream(len(data.train_y), torch.Generator(device=device).manual_seed(cfg.seed))
+    stream = BatchStream(len(data.train_y), torch.Generator().manual_seed(cfg.seed))
     sums = torch.zeros(2, device=device, dtype=torch.float64)
     state = TrainState(raw, optimizer, stream, sums, OmegaConf.to_container(cfg, resolve=True),
                        data.info.num_classes)
@@ -123,6 +137,8 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
     configure(cfg.trainer, cfg.seed)
+    if device.type == "cuda":  # the summary's peak memory is this run's, not the process's
+        torch.cuda.reset_peak_memory_stats(device)
     data = DeviceData(cfg, device, cfg.trainer.batch_size)
     state, model = build(cfg, data, device, world_size)
     state.resume_from(run_dir / CHECKPOINT, cfg.trainer.resume, rank)
@@ -216,9 +232,7 @@ class Loop:
         lr = learning_rate(it, self.cfg.optim, self.milestones)
         for group in self.state.optimizer.param_groups:
             group["lr"] = lr
-        idx = self.state.stream.next(self.t.batch_size)
-        draws = datamod.draw_crop_flip(self.t.batch_size, self.state.stream.g, PAD)
-        x, y = self.data.batch(idx[self.local], tuple(d[self.local] for d in draws))
+        x, y = self.data.batch(self.state.stream, self.t.batch_size, self.local)
         with self.autocast:
             out = self.model(x)
             loss = F.cross_entropy(out.float(), y)
@@ -294,6 +308,8 @@ class Loop:
         return "diverged" if diverged else "completed"
 
     def save(self) -> None:
+        """Writes the checkpoint; its time is no training time, so the throughput window skips it."""
+        began = time.perf_counter()  # after sync()'s host sync: the window's steps are done
         sums = self.state.sums.clone()
         if self.world_size > 1:  # a checkpoint between evaluations holds every rank's partial sums
             dist.all_reduce(sums)
@@ -302,6 +318,8 @@ class Loop:
             self.state.save(self.ckpt_path, sums)
         if self.world_size > 1:
             dist.barrier()
+        start, start_it = self.window
+        self.window = (start + time.perf_counter() - began, start_it)
 
 
 def _mean(values):
