@@ -100,3 +100,42 @@ def test_compiled_training_follows_eager_training(tmp_path, precision, rel):
         train(cfg, tmp_path / mode)
         losses[mode] = json.loads((tmp_path / mode / METRICS).read_text().splitlines()[0])["train_loss"]
     assert losses["default"] == pytest.approx(losses["none"], rel=rel)
+
+
+@pytest.mark.parametrize("strict, conv", [(False, "tf32"), (True, "ieee")])
+def test_the_classic_baseline_runs_at_pytorchs_default_tf32_and_the_strict_row_without(monkeypatch, strict, conv):
+    """PyTorch ships TF32 convolutions on: the headline speed-up is against that, whatever flags
+    an earlier row of the table left."""
+    from idmap.config import compose_config
+    from idmap.models import build_resnet
+    from idmap.runtime import set_tf32
+
+    seen = []
+
+    def build(*args, **kwargs):  # the flags as the classic loop trains
+        seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return build_resnet(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "build_resnet", build)
+    args = bench.parse_args([*SMOKE, "--device", "cpu"])
+    set_tf32("fp32")  # as a trainer row at trainer.precision=fp32 leaves them
+    try:
+        bench.classic(compose_config(*bench.base_overrides(args, 8)), args, torch.device("cpu"), strict_fp32=strict)
+    finally:
+        set_tf32("default")
+    assert seen == [(conv, "ieee")]
+
+
+def test_the_ghost_bn_rows_time_the_one_pass_and_the_chunked_batch_norm():
+    import idmap.trainer
+    from idmap.norm import ChunkedGhostBatchNorm2d, GhostBatchNorm2d
+
+    args = bench.parse_args([*SMOKE, "--device", "cpu"])
+    for name, kind in [("bf16+channels_last+fused_sgd+ghost_bn", GhostBatchNorm2d),
+                       ("bf16+channels_last+fused_sgd+ghost_bn_chunked", ChunkedGhostBatchNorm2d)]:
+        setting = bench.BY_NAME[name]
+        assert "model.bn_batch=8" in bench.trainer_overrides(args, 8, setting)  # half of --batch-size 16
+        with bench._chunked_ghost_bn(setting.chunked_bn):
+            model = idmap.trainer.build_resnet(8, widths=(4, 8, 16), bn_batch=8)
+        assert {type(m) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {kind}
+    assert idmap.trainer.build_resnet is bench.build_resnet  # put back

@@ -9,13 +9,16 @@ loop, and the minutes the paper's 64k iterations would take at that speed. docs/
 what is measured and what each setting changes.
 
 The classic loop is the textbook one: torchvision transforms on PIL images in DataLoader workers,
-eager fp32, `.item()` every step. The project's rows call idmap.trainer.train itself, so they time
-exactly the code a training run executes.
+eager, at PyTorch's default numerics (cuDNN convolutions in TF32 where the GPU has it), `.item()`
+every step: the baseline of every speed-up. On a GPU a strict-fp32 classic row stands beside it.
+The project's rows call idmap.trainer.train itself, so they time exactly the code a training run
+executes; the ghost-BN rows set the one-pass ghost batch norm against the chunked one it replaced.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import os
@@ -33,8 +36,9 @@ import torch.nn.functional as F
 from idmap import data as datamod
 from idmap.config import compose_config
 from idmap.models import build_resnet, model_kwargs
+from idmap.norm import to_chunked
 from idmap.rundir import read_metrics
-from idmap.runtime import Interrupted
+from idmap.runtime import Interrupted, set_tf32
 from idmap.trainer import PAD, learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,11 +51,13 @@ class Setting:
     overrides: tuple[str, ...]
     cuda_only: str = ""  # why the setting is skipped on a CPU unless named in --settings
     min_depth: int = 0  # skipped below this depth unless named in --settings
+    chunked_bn: bool = False  # ghost BN as one BN call per chunk (idmap.norm.to_chunked)
 
 
 _CL = ("trainer.channels_last=true",)
 _BF16_CL = ("trainer.precision=bf16", *_CL)
 _FUSED = (*_BF16_CL, "optim.impl=fused")
+_GHOST = "model.bn_batch={half_batch}"
 _NO_TF32 = "TF32 is a tensor-core mode of CUDA GPUs; on a CPU it is fp32"
 _NO_COMPILE = "inductor's CPU backend needs a C++ compiler and compile time, and these switches target GPUs"
 
@@ -69,8 +75,17 @@ SETTINGS = (
     Setting("bf16+channels_last+fused_sgd+checkpointing", (*_FUSED, "model.checkpointing=true"), min_depth=1000),
     Setting("bf16+channels_last+fused_sgd+compile+checkpointing",
             (*_FUSED, "trainer.compile=default", "model.checkpointing=true"), _NO_COMPILE, min_depth=1000),
+    # The paper's BN over 64 of the 128 images (half the batch here): one pass against one BN call
+    # per chunk, eager and compiled.
+    Setting("bf16+channels_last+fused_sgd+ghost_bn", (*_FUSED, _GHOST)),
+    Setting("bf16+channels_last+fused_sgd+ghost_bn_chunked", (*_FUSED, _GHOST), chunked_bn=True),
+    Setting("bf16+channels_last+fused_sgd+compile+ghost_bn", (*_FUSED, _GHOST, "trainer.compile=default"),
+            _NO_COMPILE),
+    Setting("bf16+channels_last+fused_sgd+compile+ghost_bn_chunked",
+            (*_FUSED, _GHOST, "trainer.compile=default"), _NO_COMPILE, chunked_bn=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
+CLASSIC_STRICT = "classic-strict-fp32"
 
 
 def base_overrides(args, depth: int) -> list[str]:
@@ -124,13 +139,16 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.x[i])), self.y[i]
 
 
-def classic(cfg, args, device: torch.device) -> tuple[float, float | None]:
-    """images/s and peak MiB of the textbook loop, on the same data, model and SGD as the trainer."""
+def classic(cfg, args, device: torch.device, strict_fp32: bool = False) -> tuple[float, float | None]:
+    """images/s and peak MiB of the textbook loop, on the same data, model and SGD as the trainer.
+    `strict_fp32`: TF32 off, as the trainer's trainer.precision=fp32."""
     from torchvision import transforms as T
 
-    # Eager fp32 as PyTorch ships it, plus the one line classic CIFAR scripts do add (cudnn.benchmark,
-    # which the trainer sets too): the speed-up then measures the loop and the switches, not autotuning.
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    # Eager as PyTorch ships it (TF32 convolutions, what users run), plus the one line classic CIFAR
+    # scripts do add (cudnn.benchmark, which the trainer sets too): the speed-up then measures the
+    # loop and the switches, not autotuning. Earlier rows' flags are undone here.
+    set_tf32("fp32" if strict_fp32 else "default")
+    torch.use_deterministic_algorithms(False)
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
     ds = datamod.load_dataset(cfg.dataset)
@@ -175,11 +193,12 @@ def classic(cfg, args, device: torch.device) -> tuple[float, float | None]:
 # --------------------------------------------------------------------------------------------------
 # (2) This project's trainer
 # --------------------------------------------------------------------------------------------------
-def project(cfg, args, device: torch.device) -> tuple[float, float | None]:
+def project(cfg, args, device: torch.device, chunked_bn: bool = False) -> tuple[float, float | None]:
     """images/s and peak MiB of idmap.trainer.train itself. The first evaluation, after the warm-up,
     starts the timed window (compile and autotuning fall before it); every later metrics entry is
-    part of it, combined as total images over total seconds."""
-    with tempfile.TemporaryDirectory(prefix="idmap-bench-") as run_dir:
+    part of it, combined as total images over total seconds. `chunked_bn`: the trainer's nets get
+    the chunked ghost BN (idmap.norm.to_chunked), the reference the one-pass version is timed against."""
+    with tempfile.TemporaryDirectory(prefix="idmap-bench-") as run_dir, _chunked_ghost_bn(chunked_bn):
         summary = train(cfg, run_dir)
         metrics = read_metrics(run_dir)
         if summary["status"] != "completed" or len(metrics) < 2:
@@ -189,10 +208,26 @@ def project(cfg, args, device: torch.device) -> tuple[float, float | None]:
     return sum(iters) * args.batch_size / seconds, summary["peak_memory_mb"]  # as summary.json has it
 
 
+@contextlib.contextmanager
+def _chunked_ghost_bn(enabled: bool):
+    """While enabled, the nets the trainer builds have the chunked ghost BN: the trainer's own
+    code runs, only the BN modules differ."""
+    import idmap.trainer as trainer
+
+    build = trainer.build_resnet
+    if enabled:
+        trainer.build_resnet = lambda *a, **kw: to_chunked(build(*a, **kw))
+    try:
+        yield
+    finally:
+        trainer.build_resnet = build
+
+
 def trainer_overrides(args, depth: int, setting: Setting) -> list[str]:
     # Evaluate (and sync) once right after the warm-up; later evaluations close the timed windows.
     # The LR warm-up stays the paper's: the timed iterations are its first ones (LR does not change speed).
-    return [*base_overrides(args, depth), *setting.overrides, f"trainer.max_iters={args.warmup + args.iters}",
+    overrides = [o.format(half_batch=max(1, args.batch_size // 2)) for o in setting.overrides]
+    return [*base_overrides(args, depth), *overrides, f"trainer.max_iters={args.warmup + args.iters}",
             f"trainer.eval_every={args.warmup}", f"trainer.log_every={args.warmup}",
             "trainer.checkpoint_every=1000000000", "trainer.progress=false"]
 
@@ -247,8 +282,10 @@ def header(args, device: torch.device, argv: list[str]) -> list[str]:
         f"Data: {args.num_train:,} generated 32x32 uint8 images (dataset=synthetic), not CIFAR-10; both loops "
         "read the same set. Throughput does not depend on pixel content. Batch "
         f"{args.batch_size}, {args.block} units, {widths} widths; {args.warmup} warm-up then {args.iters} "
-        f"timed iterations per row. Classic loop: DataLoader with {args.workers} workers, torchvision "
-        "transforms on PIL images, eager fp32, `.item()` every step.",
+        f"timed iterations per row. Classic loop (the speed-ups' baseline): DataLoader with {args.workers} "
+        "workers, torchvision transforms on PIL images, eager at PyTorch's defaults (TF32 convolutions on "
+        "GPUs that have it), `.item()` every step; classic-strict-fp32 is the same loop with TF32 off. "
+        "Ghost-BN rows: BN over half the batch, one pass (ghost_bn) or one BN call per chunk (_chunked).",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -310,13 +347,18 @@ def main(argv=None) -> int:
     try:
         for depth in args.depths:
             settings, skips = plan(args, device, depth)
+            base = compose_config(*base_overrides(args, depth))
+            runs = [("classic", lambda: classic(base, args, device))]
+            if device.type == "cuda":
+                runs.append((CLASSIC_STRICT, lambda: classic(base, args, device, strict_fp32=True)))
+            else:
+                skips = {CLASSIC_STRICT: f"on a CPU: {_NO_TF32}", **skips}
             for name, why in skips.items():  # one note per reason, naming each setting once
                 names = skipped.setdefault(why, [])
                 if name not in names:
                     names.append(name)
-            runs = [("classic", lambda: classic(compose_config(*base_overrides(args, depth)), args, device))]
-            runs += [(s.name, lambda s=s: project(compose_config(*trainer_overrides(args, depth, s)), args, device))
-                     for s in settings]
+            runs += [(s.name, lambda s=s: project(compose_config(*trainer_overrides(args, depth, s)), args, device,
+                                                  chunked_bn=s.chunked_bn)) for s in settings]
             baseline = None
             for name, run in runs:
                 free(device)
