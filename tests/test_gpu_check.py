@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from idmap import gpu_check
-from idmap.gpu_check_runs import bench_rows
+from idmap.gpu_check_runs import bench_rows, read_test_results
 from idmap.gpu_check_sizes import REHEARSAL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +98,16 @@ def test_bench_rows_are_read_from_what_bench_printed_even_when_it_was_cut_short(
     assert [r["setting"] for r in rows] == ["classic", "fp32"]
     assert rows[0]["images_per_sec"] == 1000.0 and rows[0]["speedup"] == 1.0
     assert rows[1]["images_per_sec"] is None
+
+
+def test_gpu_test_results_are_read_as_pytest_prints_them_so_a_run_cut_short_names_what_finished(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text("tests/test_bench.py::test_a PASSED\n"
+                   "tests/test_bench.py::test_b[fp32-0.002] SKIPPED (needs CUDA)\n"
+                   "tests/test_train.py::test_c FAILED\n"
+                   "tests/test_train.py::test_d ")  # killed at the cap while test_d ran
+    assert read_test_results(log) == {"test_bench.py::test_a": "ok", "test_bench.py::test_b[fp32-0.002]": "skipped: needs CUDA",
+                                 "test_train.py::test_c": "failed: failed"}
 
 
 def test_without_cuda_the_check_refuses_in_one_line_unless_rehearsing(capsys):

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from idmap.gpu_check_sizes import FAST, QUIET, train_overrides
@@ -98,28 +97,36 @@ def share(ctx, parts_left: float) -> float:
 # --------------------------------------------------------------------------------------------------
 # tests: pytest -m gpu
 # --------------------------------------------------------------------------------------------------
+RESULT = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?: \((.*)\))?")
+
+
+def read_test_results(log: Path) -> dict[str, str]:
+    """Test -> row status, from the lines `pytest -v` prints as each test ends, so that a run cut
+    short at its cap still names the tests it finished."""
+    results = {}
+    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+        m = RESULT.match(line)
+        if m:
+            name, result, why = m.group(1).removeprefix("tests/"), m.group(2), m.group(3) or ""
+            results[name] = {"PASSED": "ok", "XFAIL": "ok", "SKIPPED": f"skipped: {why or 'skipped'}"}.get(
+                result, f"failed: {result.lower()}{': ' + why if why else ''}")
+    return results
+
+
 def tests(ctx) -> None:
-    xml = ctx.work / "tests.xml"
+    log = ctx.log_path("tests")
     # Only the files that mark tests gpu: collecting the whole suite takes seconds and selects nothing more.
-    files = [str(p) for p in sorted((ROOT / "tests").glob("test_*.py")) if "mark.gpu" in p.read_text()]
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-           *(files or [str(ROOT / "tests")])]
-    rc = run_logged(cmd, ctx.log_path("tests"), ctx.deadline)
-    cases = ET.parse(xml).getroot().iter("testcase") if xml.exists() else []
-    for case in cases:
-        name = f"{case.get('classname', '').rpartition('.')[2]}::{case.get('name')}"
-        status = "ok"
-        for kind in ("failure", "error", "skipped"):
-            found = case.find(kind)
-            if found is not None:
-                why = (found.get("message") or kind).splitlines()[0][:120]
-                status = f"{'skipped' if kind == 'skipped' else 'failed'}: {why}"
-                break
-        ctx.add(name, status, seconds=float(case.get("time") or 0))
+    files = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py"))
+             if "mark.gpu" in p.read_text()]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-o", "console_output_style=classic",
+           *(files or ["tests"])]
+    rc = run_logged(cmd, log, ctx.deadline, child_env({"COLUMNS": "400"}))  # reasons not cut to fit a terminal
+    for name, status in read_test_results(log).items():
+        ctx.add(name, status)
     if rc is None:
-        ctx.add("pytest -m gpu", f"failed: timed out ({len(ctx.items)} tests reported)")
+        ctx.add("pytest -m gpu", f"failed: timed out after {len(ctx.items)} tests")
     elif rc not in (0, 1) or not ctx.items:
-        ctx.add("pytest -m gpu", f"failed: exit {rc}: {last_line(ctx.log_path('tests'))}")
+        ctx.add("pytest -m gpu", f"failed: exit {rc}: {last_line(log)}")
     counts = {k: sum(i["status"].startswith(k) for i in ctx.items) for k in ("ok", "failed", "skipped")}
     ctx.headline = ", ".join(f"{v} {'passed' if k == 'ok' else k}" for k, v in counts.items() if v)
 
@@ -192,8 +199,8 @@ def concurrent(ctx, tag: str, k: int, deadline: float, env: dict | None = None) 
              for i, d in enumerate(dirs)]
     codes = wait_all(procs, deadline)
     rates = [steady_rate(d, s.batch) if d.exists() else None for d in dirs]
-    if any(r is None for r in rates) or any(codes):
-        bad = next(i for i, (c, r) in enumerate(zip(codes, rates)) if c or r is None)
+    if any(c != 0 or r is None for c, r in zip(codes, rates)):
+        bad = next(i for i, (c, r) in enumerate(zip(codes, rates)) if c != 0 or r is None)
         why = "timed out" if codes[bad] is None else f"exit {codes[bad]}: {last_line(ctx.log_path(f'packing-{tag}-{k}-{bad}'))}"
         return ctx.add(f"{tag}: {k} runs", f"failed: run {bad} {why}", seconds=time.time() - t0)
     return ctx.add(f"{tag}: {k} runs", aggregate_images_per_sec=sum(rates), slowest_run=min(rates),
@@ -207,7 +214,7 @@ def mps_daemon(ctx) -> tuple[dict | None, str]:
     if not control:
         return None, "skipped: nvidia-cuda-mps-control is not on this machine"
     pipe, logs = ctx.work / "mps" / "pipe", ctx.work / "mps" / "log"
-    pipe.mkdir(parents=True), logs.mkdir(parents=True)
+    pipe.mkdir(parents=True, exist_ok=True), logs.mkdir(parents=True, exist_ok=True)
     env = child_env({"CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)})
     rc = run_logged([control, "-d"], ctx.log_path("mps"), time.time() + 10, env)
     return (env, "") if rc == 0 else (None, f"failed: the MPS control daemon did not start (exit {rc})")
