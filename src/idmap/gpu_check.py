@@ -141,7 +141,7 @@ def cell(text) -> str:
 
 def number_text(item: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                     for k, v in item.items() if k not in ("name", "status"))
+                     for k, v in item.items() if k not in ("name", "status") and v is not None)
 
 
 def markdown(report: dict) -> tuple[str, str]:
@@ -150,7 +150,7 @@ def markdown(report: dict) -> tuple[str, str]:
     table += [f"| {r['step']} | {cell(r['status'])} | {r['seconds']:.0f} | {cell(r['headline'])} |"
               for r in report["steps"]]
     head = [f"# idmap GPU check{' (rehearsal on a CPU: no GPU numbers)' if report['rehearse'] else ''}", "",
-            f"{report['when']}; budget {report['budget_s']:.0f} s; command `{report['command']}`", ""]
+            f"{report['when']}; budget {report['budget_s']:.0f} s; command `{report['command']}`", "", ""]
     details = []
     for r in report["steps"]:
         details += ["", f"## {r['step']}", "", "| row | status | numbers |", "|---|---|---|"]

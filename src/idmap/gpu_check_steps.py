@@ -206,6 +206,9 @@ def resume_pair(ctx, name: str, overrides: list[str]) -> dict:
 def resume(ctx) -> None:
     from idmap.bench import short_error
 
+    # cuBLAS reads its workspace setting when it starts: before the first pair, so that the
+    # deterministic pair after it gets cuBLAS's deterministic workspace (runtime.configure sets it too late).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     s = ctx.sizes
     base = [*train_overrides(s, s.resume_iters, s.resume_every), *s.resnet20,
             f"trainer.checkpoint_every={s.resume_every}"]
