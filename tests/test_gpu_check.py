@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from idmap import gpu_check
 from idmap.gpu_check_runs import bench_rows, read_test_results
-from idmap.gpu_check_sizes import REHEARSAL
+from idmap.gpu_check_sizes import REHEARSAL, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -135,3 +136,23 @@ def test_the_one_call_recipe_fits_the_device_tools_2000_characters_and_runs_the_
     args = command.split("scripts/gpu_check.py", 1)[1].split()
     parsed = gpu_check.parse_args([a.replace("$OUT", "out") for a in args])
     assert parsed.budget == 480 and parsed.data == "/tmp/data/cifar10-jpeg"
+
+
+def test_the_resume_row_fails_when_a_resumed_run_does_not_continue_exactly(tmp_path, monkeypatch):
+    """The check can fail: a resume that forgets the data order is caught, not called equal."""
+    from idmap import gpu_check_steps
+    from idmap.state import BatchStream
+
+    overrides = [*train_overrides(REHEARSAL, 6, 2), *REHEARSAL.resnet20, "trainer.checkpoint_every=2",
+                 "trainer.deterministic=true"]
+    ctx = gpu_check.Context(REHEARSAL, True, tmp_path, time.time() + 120, None, tmp_path / "long")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets: a second thread only spins
+    try:
+        assert gpu_check_steps.resume_pair(ctx, "exact", overrides)["status"] == "ok"
+        monkeypatch.setattr(BatchStream, "load_state_dict", lambda self, state: None)
+        row = gpu_check_steps.resume_pair(ctx, "broken", overrides)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)  # trainer.deterministic=true set it for this process
+    assert row["status"].startswith("failed: not bit-exact") and row["stopped_at"] < 6

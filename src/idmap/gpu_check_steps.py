@@ -187,11 +187,15 @@ def resume_pair(ctx, name: str, overrides: list[str]) -> dict:
     whole, parts = (Path(tempfile.mkdtemp(dir=ctx.work)) for _ in range(2))
     run(compose_config(*overrides), whole, choices={})
     _signal_after(parts / CHECKPOINT, ctx.deadline)
+    # A signal that comes after the run has ended (a slow watcher) must not end this process.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         run(compose_config(*overrides), parts, choices={})
         return ctx.add(name, "failed: the run finished before the signal reached it")
     except Interrupted:
         stopped = load_checkpoint(parts)["iteration"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     run(compose_config(*overrides, "trainer.resume=true"), parts, choices={})
     exact, max_abs, rel = _difference(load_checkpoint(whole), load_checkpoint(parts))
     deterministic = "trainer.deterministic=true" in overrides
@@ -269,13 +273,9 @@ def ghost_bn(ctx) -> None:
 # fused: N ResNet-20s trained as one model (idmap.fused), aggregate images/s
 # --------------------------------------------------------------------------------------------------
 def fused(ctx) -> None:
-    from idmap import data as datamod
+    from idmap.bench import short_error
     from idmap.config import compose_config
-    from idmap.fused import FusedNets
-    from idmap.models import build_resnet, model_kwargs
-    from idmap.runtime import autocast
-    from idmap.state import BatchStream
-    from idmap.trainer import PAD, DeviceData
+    from idmap.trainer import DeviceData
 
     s, device = ctx.sizes, _device(ctx)
     # bf16 and fused SGD as in the packing rows; the stacked 5-D batch stays in the default layout.
@@ -286,30 +286,45 @@ def fused(ctx) -> None:
         if ctx.left() < 5:
             ctx.add(f"{n} nets", "skipped: the step's time cap was spent")
             continue
-        torch.manual_seed(cfg.seed)
-        nets = FusedNets([build_resnet(**model_kwargs(cfg, data.info.num_classes)).to(device) for _ in range(n)])
-        opt = torch.optim.SGD(nets.params.values(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
-        streams = [BatchStream(len(data.train_y), torch.Generator(device=device).manual_seed(cfg.seed + i))
-                   for i in range(n)]
-
-        def step():
-            batches = [data.batch(st.next(s.batch).to(device),
-                                  tuple(d.to(device) for d in datamod.draw_crop_flip(s.batch, st.g, PAD)))
-                       for st in streams]
-            x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
-            with autocast("bf16", device):
-                loss = nets.loss(nets(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        seconds = timed(step, device, reps=s.fused_iters, warmup=3)
-        rates[n] = n * s.batch / seconds
-        ctx.add(f"{n} nets as one", images_per_sec=rates[n], ms_per_step=1000 * seconds)
+        try:
+            rates[n] = _fused_rate(ctx, cfg, data, n)
+            ctx.add(f"{n} nets as one", images_per_sec=rates[n], ms_per_step=1000 * n * s.batch / rates[n])
+        except Exception as exc:
+            ctx.add(f"{n} nets as one", f"failed: {short_error(exc)}")
     if rates:
         top = max(rates)
         ctx.headline = f"{top} nets: {rates[top]:,.0f} img/s" + (
             f" ({rates[top] / rates[1]:.2f}x one net)" if 1 in rates and top != 1 else "")
+
+
+def _fused_rate(ctx, cfg, data, n: int) -> float:
+    """Aggregate images/s of n ResNets trained as one: each its own weights and data order."""
+    from idmap import data as datamod
+    from idmap.fused import FusedNets
+    from idmap.models import build_resnet, model_kwargs
+    from idmap.runtime import autocast
+    from idmap.state import BatchStream
+    from idmap.trainer import PAD
+
+    s, device = ctx.sizes, _device(ctx)
+    torch.manual_seed(cfg.seed)
+    nets = FusedNets([build_resnet(**model_kwargs(cfg, data.info.num_classes)).to(device) for _ in range(n)])
+    opt = torch.optim.SGD(nets.params.values(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
+    streams = [BatchStream(len(data.train_y), torch.Generator(device=device).manual_seed(cfg.seed + i))
+               for i in range(n)]
+
+    def step():
+        batches = [data.batch(st.next(s.batch).to(device),
+                              tuple(d.to(device) for d in datamod.draw_crop_flip(s.batch, st.g, PAD)))
+                   for st in streams]
+        x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+        with autocast("bf16", device):
+            loss = nets.loss(nets(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return n * s.batch / timed(step, device, reps=s.fused_iters, warmup=3)
 
 
 def jpeg_cache(ctx) -> None:
