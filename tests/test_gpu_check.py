@@ -21,6 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny nets in this process: a second thread only spins (five times the CPU time on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def assert_device_tool_takes(out: Path) -> None:
     """At most 8 files, 16 MiB each, no more than 2 folders down, names of letters, digits, . _ -"""
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -138,7 +147,7 @@ def test_the_one_call_recipe_fits_the_device_tools_2000_characters_and_runs_the_
     assert parsed.budget == 480 and parsed.data == "/tmp/data/cifar10-jpeg"
 
 
-def test_the_resume_row_fails_when_a_resumed_run_does_not_continue_exactly(tmp_path, monkeypatch):
+def test_the_resume_row_fails_when_a_resumed_run_does_not_continue_exactly(tmp_path, monkeypatch, one_thread):
     """The check can fail: a resume that forgets the data order is caught, not called equal."""
     from idmap import gpu_check_steps
     from idmap.state import BatchStream
@@ -146,13 +155,41 @@ def test_the_resume_row_fails_when_a_resumed_run_does_not_continue_exactly(tmp_p
     overrides = [*train_overrides(REHEARSAL, 6, 2), *REHEARSAL.resnet20, "trainer.checkpoint_every=2",
                  "trainer.deterministic=true"]
     ctx = gpu_check.Context(REHEARSAL, True, tmp_path, time.time() + 120, None, tmp_path / "long")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: a second thread only spins
     try:
         assert gpu_check_steps.resume_pair(ctx, "exact", overrides)["status"] == "ok"
         monkeypatch.setattr(BatchStream, "load_state_dict", lambda self, state: None)
         row = gpu_check_steps.resume_pair(ctx, "broken", overrides)
     finally:
-        torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)  # trainer.deterministic=true set it for this process
     assert row["status"].startswith("failed: not bit-exact") and row["stopped_at"] < 6
+
+
+def test_the_ghost_bn_row_times_the_one_pass_and_the_chunked_version_when_to_chunked_exists(tmp_path, monkeypatch,
+                                                                                            one_thread):
+    """idmap.norm.to_chunked comes from another branch; a stand-in (the model unchanged) runs the row."""
+    import types
+
+    from idmap import gpu_check_steps
+
+    monkeypatch.setitem(sys.modules, "idmap.norm", types.SimpleNamespace(to_chunked=lambda model: model))
+    ctx = gpu_check.Context(REHEARSAL, True, tmp_path, time.time() + 120, None, tmp_path / "long")
+    gpu_check_steps.ghost_bn(ctx)
+    assert [i["status"] for i in ctx.items] == ["ok", "ok"]
+    assert all(i["ms_per_iter_one_pass"] > 0 and i["speedup"] > 0 for i in ctx.items)
+
+
+def test_the_jpeg_copy_is_decoded_once_by_its_own_row(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from idmap import gpu_check_steps
+
+    monkeypatch.setenv("IDMAP_CACHE", str(tmp_path / "cache"))
+    for split, n in (("train", 3), ("test", 2)):
+        for c in ("cat", "dog"):
+            (tmp_path / "jpeg" / split / c).mkdir(parents=True)
+            for k in range(n):
+                Image.new("RGB", (32, 32), (40 * k, 90, 200)).save(tmp_path / "jpeg" / split / c / f"{k}.jpg")
+    ctx = gpu_check.Context(REHEARSAL, True, tmp_path, time.time() + 60, str(tmp_path / "jpeg"), tmp_path / "long")
+    gpu_check_steps.jpeg_cache(ctx)
+    assert ctx.items[0]["status"] == "ok" and (ctx.items[0]["train"], ctx.items[0]["test"]) == (6, 4)
+    assert list((tmp_path / "cache").iterdir())  # the runs after it read the cache
