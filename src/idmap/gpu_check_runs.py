@@ -162,7 +162,7 @@ def bench(ctx) -> None:
             failed = row["images_per_sec"] is None
             status = "failed: " + row_failure(log, row) if failed else "ok"
             ctx.add(f"depth {row.pop('depth')}: {row.pop('setting')}", status,
-                    **{k: v for k, v in row.items() if v is not None})
+                    **{key: v for key, v in row.items() if v is not None})
         if rc is None or rc:
             ctx.add(label, "failed: timed out" if rc is None else f"failed: exit {rc}: {last_line(log)}")
     if importlib.util.find_spec("idmap.norm") is None:  # no child process for a row that cannot run
@@ -320,7 +320,7 @@ def long_runs(ctx) -> None:
         if ctx.rehearse and proc.poll() is None:  # a rehearsal leaves nothing running
             end(proc, signal.SIGTERM)
     ctx.headline = "; ".join(f"{i['name'][10:]}: it {i.get('iteration', 0)}, done ~{i.get('projected_finish', '?')}"
-                             for i in ctx.items)
+                             for i in ctx.items if i["name"].startswith("ResNet-20"))
 
 
 def progress(run_dir: Path, proc: subprocess.Popen) -> dict:
