@@ -29,7 +29,6 @@ from urllib.error import HTTPError, URLError
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets.utils import download_and_extract_archive
 
 from idmap import IdmapError
 
@@ -153,6 +152,14 @@ def _batch(d: dict, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.n
         raise ValueError(f"{len(x)} images but {len(y)} labels, or labels outside 0..{num_classes - 1}")
     # Each row is the R plane, then G, then B, each 32x32 row-major: exactly N x 3 x 32 x 32.
     return x.reshape(-1, 3, 32, 32), y
+
+
+def download_and_extract_archive(*args, **kwargs):
+    # torchvision is imported on the first download only: importing it costs every process that
+    # loads data (each run, each test, each step of the GPU check) a second or more.
+    from torchvision.datasets.utils import download_and_extract_archive as fetch
+
+    return fetch(*args, **kwargs)
 
 
 def _download(a: Archive, root: Path) -> None:

@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Every question a GPU window must answer, in one call: machine, tests, smoke, resume, bench, packing,
+fused, fidelity, long runs (idmap.gpu_check; `idmap-gpu-check --help`, docs/benchmarks.md)."""
+
+import sys
+
+from idmap.gpu_check import main
+
+if __name__ == "__main__":
+    sys.exit(main())
