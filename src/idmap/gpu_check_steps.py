@@ -299,24 +299,20 @@ def fused(ctx) -> None:
 
 def _fused_rate(ctx, cfg, data, n: int) -> float:
     """Aggregate images/s of n ResNets trained as one: each its own weights and data order."""
-    from idmap import data as datamod
     from idmap.fused import FusedNets
     from idmap.models import build_resnet, model_kwargs
     from idmap.runtime import autocast
     from idmap.state import BatchStream
-    from idmap.trainer import PAD
 
     s, device = ctx.sizes, _device(ctx)
     torch.manual_seed(cfg.seed)
     nets = FusedNets([build_resnet(**model_kwargs(cfg, data.info.num_classes)).to(device) for _ in range(n)])
     opt = torch.optim.SGD(nets.params.values(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
-    streams = [BatchStream(len(data.train_y), torch.Generator(device=device).manual_seed(cfg.seed + i))
-               for i in range(n)]
+    # CPU generators, as the trainer's: each net its own data order, drawn as a run would draw it.
+    streams = [BatchStream(len(data.train_y), torch.Generator().manual_seed(cfg.seed + i)) for i in range(n)]
 
     def step():
-        batches = [data.batch(st.next(s.batch).to(device),
-                              tuple(d.to(device) for d in datamod.draw_crop_flip(s.batch, st.g, PAD)))
-                   for st in streams]
+        batches = [data.batch(st, s.batch, slice(None)) for st in streams]
         x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
         with autocast("bf16", device):
             loss = nets.loss(nets(x), y)
