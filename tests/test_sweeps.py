@@ -219,3 +219,24 @@ def test_table_sweep_reports_paper_rows_by_their_settings_too(tmp_path, capsys):
     code, out, _ = report(capsys, tmp_path, "--table", "sweep")
     assert code == 0 and "## ResNet-20" not in out
     assert set(md_rows(out)) == {"optim.lr=0.05", "optim.lr=0.1"}
+
+
+def test_next_adds_seeds_to_the_undecided_pairs_of_a_paper_table(tmp_path, capsys):
+    d = tmp_path / "ablation"
+    for row, errs in {"original": [8.0, 9.0, 10.0], "full_preact": [7.0, 8.0, 9.0]}.items():
+        for seed, e in enumerate(errs, 1):
+            run = fake_job(d, ["+experiment=resnet20_ablation", f"resnet20_ablation={row}"], e,
+                           seed, block=row)
+            summary = json.loads((run / "summary.json").read_text())
+            summary["choices"].update(resnet20_ablation=row, depth="20")
+            (run / "summary.json").write_text(json.dumps(summary))
+    code, out, _ = report(capsys, d, "--next")
+    assert code == 0 and "## ResNet-20" in out and "## Sweep" not in out
+    (command,) = [l for l in out.splitlines() if l.startswith("python train.py -m")]
+    args = shlex.split(command)
+    # The seed experiment orders full_preact < original; 1 point apart at sd 1: 17 seeds per row
+    # (2 (1.96 + 0.84)^2 / 1^2 / (3/pi) = 16.4), so seeds 4 to 17 beside the 3 run.
+    assert args[3] == "+experiment=resnet20_ablation"
+    assert set(args[4].partition("=")[2].split(",")) == {"original", "full_preact"}
+    assert "seed=" + ",".join(map(str, range(4, 18))) in args
+    assert f"hydra.sweep.dir={tmp_path / 'ablation_next1'}" in args

@@ -449,10 +449,10 @@ def _report(args) -> int:
         all_lines += lines
         print(markdown(t, lines, args.seeds_needed, baseline))
     if table.lines:
-        all_lines += table.lines
         print(sweeps.markdown(table, args.seeds_needed))
-        if args.next:
-            print("\n".join(sweeps.next_report(table)))
+    if args.next:
+        print("\n".join(sweeps.next_report(all_lines, table)))
+    all_lines += table.lines
     for message in duplicate_seeds(all_lines):
         print(f"warning: {message}", file=sys.stderr)
     if args.csv:

@@ -203,15 +203,28 @@ def markdown(table: Sweep, seeds_needed: bool = False) -> str:
 # --------------------------------------------------------------------------------------------------
 # --next: the seeds that would decide the undecided comparisons
 # --------------------------------------------------------------------------------------------------
-def seeds_to_add(table: Sweep) -> Dict[int, Tuple[Line, List[int]]]:
-    """Per line of an undecided comparison (both sides), the new seeds it needs: as many as
+def undecided_pairs(lines: Sequence[Line], table: Optional[Sweep] = None) -> List[Tuple[Line, Line]]:
+    """The undecided pairs: of each paper table among `lines`, the pairs the paper orders
+    (report.paper_pairs); of the sweep table, each line and its baseline."""
+    from idmap.report import paper_pairs
+
+    pairs = []
+    for name in dict.fromkeys(l.table.name for l in lines if l.table.name != TABLE):
+        of_table = [l for l in lines if l.table.name == name]
+        pairs += [(p.lower, p.higher) for ps in paper_pairs(of_table).values() for p in ps
+                  if p.outcome == "undecided"]
+    return pairs + ([(l, l.baseline) for l in undecided(table)] if table else [])
+
+
+def seeds_to_add(pairs: Sequence[Tuple[Line, Line]]) -> Dict[int, Tuple[Line, List[int]]]:
+    """Per line of an undecided pair (both sides), the new seeds it needs: as many as
     stats.seeds_needed says, numbered after the highest seed the line has run."""
     wanted: Dict[int, Tuple[Line, int]] = {}
-    for line in undecided(table):
-        n = stats.seeds_needed(line.outcomes, line.baseline.outcomes)
+    for a, b in pairs:
+        n = stats.seeds_needed(a.outcomes, b.outcomes)
         if n is None:
             continue
-        for side in (line, line.baseline):
+        for side in (a, b):
             have = wanted.get(id(side), (side, 0))[1]
             wanted[id(side)] = (side, max(have, n))
     out = {}
@@ -247,12 +260,12 @@ def _merged(lines: Sequence[Line]) -> Optional[List[str]]:
     return [per[0][k].partition("=")[0] + "=" + ",".join(values[k]) for k in keys]
 
 
-def next_commands(table: Sweep, train: str = "train.py") -> List[str]:
+def next_commands(pairs: Sequence[Tuple[Line, Line]], train: str = "train.py") -> List[str]:
     """The `python train.py -m` commands that run those seeds: one per set of lines that need the
     same seeds and form a grid (else one per line), with the lines' recorded overrides, each into a
     new sweep folder beside the first line's own (report both folders afterwards)."""
     by_seeds: Dict[Tuple[int, ...], List[Line]] = {}
-    for line, seeds in seeds_to_add(table).values():
+    for line, seeds in seeds_to_add(pairs).values():
         by_seeds.setdefault(tuple(seeds), []).append(line)
     commands, taken = [], set()
     for seeds, lines in by_seeds.items():
@@ -269,14 +282,16 @@ def next_commands(table: Sweep, train: str = "train.py") -> List[str]:
     return commands
 
 
-def next_report(table: Sweep) -> List[str]:
-    commands = next_commands(table)
+def next_report(lines: Sequence[Line], table: Optional[Sweep] = None) -> List[str]:
+    """--next: the commands for the undecided pairs of the paper tables' `lines` and `table`."""
+    pairs = undecided_pairs(lines, table)
+    commands = next_commands(pairs)
     if not commands:
-        return ["--next: no undecided comparison whose seeds needed can be estimated."]
-    dirs = sorted({str(r.path.parent) for l in table.lines for r in l.runs})
-    return ["Next seeds (stats.seeds_needed for each undecided comparison; then report "
+        return ["--next: no undecided pair whose seeds needed can be estimated."]
+    dirs = sorted({str(r.path.parent) for pair in pairs for l in pair for r in l.runs})
+    return ["Next seeds (stats.seeds_needed for each undecided pair; then report "
             f"{' '.join(dirs)} with the new folders):", *commands]
 
 
 __all__ = ["Sweep", "sweep", "markdown", "next_commands", "next_report", "default_keys", "value",
-           "parse_setting", "seeds_to_add"]
+           "parse_setting", "seeds_to_add", "undecided_pairs"]
