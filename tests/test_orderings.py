@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, TINY, make_cfg, run_train
+from conftest import CONF, ROOT, TINY, make_cfg, run_train
 from idmap import IdmapError
 from idmap.models import SHORTCUTS, UNITS, build_resnet, count_parameters, model_kwargs
 from idmap.orderings import ORDERINGS, Ordering, block_of, check_config, parse
@@ -101,9 +101,9 @@ def unit_dir(tmp_path) -> Path:
     return tmp_path / "units"
 
 
-def test_a_block_file_on_the_search_path_composes_into_the_builder(unit_dir):
-    cfg = make_cfg(*TINY, f"hydra.searchpath=[file://{unit_dir}]", "block=bn_relu_conv_bn",
-                   "shortcut=exclusive_gating")
+def test_the_readme_unit_on_the_search_path_composes_into_the_builder():
+    cfg = make_cfg(*TINY, f"hydra.searchpath=[file://{ROOT / 'docs' / 'examples'}]",
+                   "block=bn_relu_conv_bn", "shortcut=exclusive_gating")
     kwargs = model_kwargs(cfg, 10)
     assert kwargs["block"].name == "bn_relu_conv_bn" and kwargs["block"].last[-1] == "bn"
     assert build_resnet(**kwargs).arch["block"] == "bn_relu_conv_bn"

@@ -240,3 +240,12 @@ def test_next_adds_seeds_to_the_undecided_pairs_of_a_paper_table(tmp_path, capsy
     assert set(args[4].partition("=")[2].split(",")) == {"original", "full_preact"}
     assert "seed=" + ",".join(map(str, range(4, 18))) in args
     assert f"hydra.sweep.dir={tmp_path / 'ablation_next1'}" in args
+
+
+def test_a_value_written_otherwise_is_the_same_setting(tmp_path):
+    d = tmp_path / "s"
+    fake_job(d, ["optim.lr=0.1", "model.widths=[8,16,32]"], 6.0, 1)
+    fake_job(d, ["optim.lr=0.1", "model.widths=[8, 16, 32]"], 6.1, 2)
+    fake_job(d, ["optim.lr=0.05", "model.widths=[8,16,32]"], 7.0, 1)
+    table = sweep(load_runs([d])[0])
+    assert table.keys == ["optim.lr"] and [len(l.runs) for l in table.lines] == [1, 2]

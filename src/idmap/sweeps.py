@@ -43,9 +43,20 @@ def _unquoted(value: str) -> str:
     return value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value
 
 
+def _canonical(text: str) -> str:
+    """An override's value as the config would print it: [8,16,32] as [8, 16, 32], true as True."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(_unquoted(text))
+    except yaml.YAMLError:
+        return _unquoted(text)
+    return _unquoted(text) if isinstance(value, str) or value is None else str(value)
+
+
 def recorded(run: Run) -> Dict[str, str]:
     """The run's overrides as key -> value, the last given winning (a resumed run repeats some)."""
-    return {_key(o): _unquoted(o.partition("=")[2]) for o in run.overrides if "=" in o}
+    return {_key(o): _canonical(o.partition("=")[2]) for o in run.overrides if "=" in o}
 
 
 def value(run: Run, key: str) -> Optional[str]:
