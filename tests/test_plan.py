@@ -42,8 +42,16 @@ def test_the_jobs_are_hydras_expansion_in_its_order():
     jobs = plan.expand(["block=original,full_preact", "seed=1,2", "depth=20,110"])
     expected = [[f"block={b}", f"seed={s}", f"depth='{d}'"] for b, s, d in
                 itertools.product(["original", "full_preact"], [1, 2], ["20", "110"])]
-    assert [overrides for overrides, _ in jobs] == expected
-    assert [cfg.model.depth for _, cfg in jobs[:2]] == [20, 110]
+    assert [overrides for overrides, _, _ in jobs] == expected
+    assert [cfg.model.depth for _, cfg, _ in jobs[:2]] == [20, 110]
+    assert {gpus for _, _, gpus in jobs} == {1}
+
+
+def test_a_slurm_job_of_two_nodes_of_4_tasks_holds_8_gpus():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    ((_, _, gpus),) = plan.expand(["+launcher=slurm", "hydra.launcher.nodes=2",
+                                   "hydra.launcher.tasks_per_node=4"])
+    assert gpus == 8
 
 
 def test_time_step_counts_the_trainers_step_after_warm_up(monkeypatch):

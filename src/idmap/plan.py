@@ -61,7 +61,7 @@ class Job:
 
 def expand(overrides: Sequence[str]) -> List[tuple]:
     """The jobs `train.py -m OVERRIDES` runs, by Hydra's own sweeper, in its order: each as
-    (its overrides, its config as the task would get it, resolved)."""
+    (its overrides, its config as the task would get it, resolved, the GPUs it holds)."""
     from hydra import initialize_config_dir
     from hydra._internal.callbacks import Callbacks
     from hydra.core.global_hydra import GlobalHydra
@@ -79,11 +79,14 @@ def expand(overrides: Sequence[str]) -> List[tuple]:
             with open_dict(job_cfg):
                 job_cfg.hydra.job.num, job_cfg.hydra.job.id = num, f"plan_{num}"
             HydraConfig.instance().set_config(job_cfg)  # as run_job does: ${hydra:...} resolves
+            # GPUs a job holds: a SLURM job's tasks (one GPU each), or the processes it spawns.
+            tasks = math.prod(int(OmegaConf.select(job_cfg, f"hydra.launcher.{k}", default=1) or 1)
+                              for k in ("nodes", "tasks_per_node"))
             task = OmegaConf.to_container(job_cfg, resolve=False)
             task.pop("hydra")
             task = OmegaConf.create(task)
             OmegaConf.resolve(task)
-            jobs.append((list(map(str, job)), task))
+            jobs.append((list(map(str, job)), task, max(tasks, int(task.trainer.world_size))))
         return [JobReturn(status=JobStatus.COMPLETED, _return_value=None) for _ in batch]
 
     register_configs()
@@ -156,13 +159,12 @@ def plan(overrides: Sequence[str], iters: int = 20, warmup: int = 5,
     """Every job of the sweep, timed (one timing per distinct model; `timer`: time_step), and
     the devices timed."""
     jobs, timed, devices, timer = [], {}, [], timer or time_step
-    for num, (job_overrides, cfg) in enumerate(expand(overrides)):
+    for num, (job_overrides, cfg, gpus) in enumerate(expand(overrides)):
         key = speed_key(cfg)
         if key not in timed:
             timed[key] = timer(cfg, iters, warmup)
             devices.append(timed[key][1])
-        jobs.append(Job(num, job_overrides, _iterations(cfg), timed[key][0],
-                        int(cfg.trainer.world_size)))
+        jobs.append(Job(num, job_overrides, _iterations(cfg), timed[key][0], gpus))
     return jobs, sorted(set(devices))
 
 
