@@ -158,7 +158,7 @@ def test_seeds_needed_for_each_undecided_comparison(tmp_path, capsys):
 
 def test_parse_setting_keeps_list_values_whole():
     assert parse_setting("model.widths=[8,16,32],optim.lr=0.1") == {
-        "model.widths": "[8,16,32]", "optim.lr": "0.1"}
+        "model.widths": "[8, 16, 32]", "optim.lr": "0.1"}  # as the config prints it
 
 
 def test_next_numbers_the_seeds_after_each_lines_own_and_merges_a_grid(tmp_path, capsys):

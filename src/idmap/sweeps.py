@@ -97,7 +97,7 @@ def parse_setting(text: str) -> Dict[str, str]:
         key, eq, val = part.partition("=")
         if not eq or not key.strip():
             raise IdmapError(f"--baseline {text}: give a setting as KEY=VALUE, e.g. optim.lr=0.1")
-        setting[_key(key.strip())] = _unquoted(val.strip())
+        setting[_key(key.strip())] = _canonical(val.strip())
     return setting
 
 
@@ -193,8 +193,8 @@ def markdown(table: Sweep, seeds_needed: bool = False) -> str:
     header = [c.format(baseline=table.baseline) for c in COLUMNS]
     by = ", ".join(table.keys) or "none (one setting)"
     out = [f"## {table.lines[0].table.title}", "",
-           f"No paper table has these runs' settings; one line per setting of {by}, seeds pooled; "
-           f"baseline {table.baseline}.", "",
+           f"One line per setting of {by} (each run's recorded overrides and config), seeds "
+           f"pooled; baseline {table.baseline}.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join([line.row.key, *setting_cells(line), *stat_cells(line)]) + " |"
             for line in table.lines]
