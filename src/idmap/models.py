@@ -379,8 +379,8 @@ def build_resnet(
     head_act = nn.Sequential(*_ops(ordering.preact, [], ch, bn_batch))
     model = ResNet(nn.Sequential(*stem), units, head_act, ch, num_classes, checkpointing)
     # The choices as resolved ('auto' made concrete), for summaries and reports.
-    model.arch = dict(depth=depth, block=ordering.name or "custom", shortcut=shortcut, unit=unit, downsample=downsample,
-                      widths=list(widths), units_per_stage=list(units_per_stage))
+    model.arch = dict(depth=depth, block=ordering.name or "custom", shortcut=shortcut, unit=unit,
+                      downsample=downsample, widths=list(widths), units_per_stage=list(units_per_stage))
     _init(model, zero_init_residual)
     return model
 
