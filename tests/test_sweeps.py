@@ -249,3 +249,14 @@ def test_a_value_written_otherwise_is_the_same_setting(tmp_path):
     fake_job(d, ["optim.lr=0.05", "model.widths=[8,16,32]"], 7.0, 1)
     table = sweep(load_runs([d])[0])
     assert table.keys == ["optim.lr"] and [len(l.runs) for l in table.lines] == [1, 2]
+
+
+def test_baseline_block_setting_picks_that_blocks_rows_in_the_paper_tables(tmp_path, capsys):
+    from test_report import _two_depths
+
+    _two_depths(tmp_path)
+    _, by_name, _ = report(capsys, tmp_path, "--table", "table2", "--baseline", "full_preact")
+    code, by_setting, _ = report(capsys, tmp_path, "--table", "table2", "--baseline",
+                                 "block=full_preact")
+    assert code == 0 and by_setting == by_name
+    assert "| Δ median vs full_preact/<depth> [95%] |" in by_setting
