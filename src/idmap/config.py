@@ -17,7 +17,10 @@ from idmap.models import SHORTCUT_DEFAULTS
 class ModelConfig:
     depth: int = 110
     unit: str = "auto"  # basic | bottleneck | single | auto (paper's choice for the depth)
-    block: str = "full_preact"  # figure 4 (a)-(e)
+    block: str = "full_preact"  # figure 4 (a)-(e), or the name of a block file's own ordering
+    # A unit the paper did not try: {layer, last, after_add} as lists of bn/relu/conv, checked by
+    # idmap.orderings (Any here, so that a malformed one gets that one-line message, not Hydra's).
+    ordering: Optional[Any] = None
     downsample: str = "auto"  # zero_pad | projection | auto
     widths: Optional[List[int]] = None  # per stage; None = the paper's 16/32/64
     units_per_stage: Optional[List[int]] = None  # None = derived from depth

@@ -3,10 +3,12 @@ against iterations; one colour per setting (the seeds of a setting share it).
 
     python scripts/plot_curves.py outputs/multirun/2026-01-01/12-00-00 -o curves.png
     python scripts/plot_curves.py outputs/multirun --table table2 -o table2.png
+    python scripts/plot_curves.py outputs/multirun/<date>/<time> --by optim.lr -o lr.png
 
 With --table, one curve per row of the paper's table (runs grouped as scripts/report.py groups
 them): the median over seeds at each evaluated iteration, the median being the paper's statistic,
 and a shaded band from the lowest to the highest seed, so seed noise is seen beside the gaps.
+With --by, the same per setting of any sweep, grouped as the report's sweep table (idmap.sweeps).
 """
 
 import argparse
@@ -73,21 +75,38 @@ def seed_band(curves: Sequence[List[dict]], key: str) -> Tuple[np.ndarray, np.nd
 
 def collect_rows(dirs: Sequence[Path], table: str) -> Tuple[List[List[List[dict]]], List[str]]:
     """Per line of the report's table that has curves: its seeds' evaluations, and its label."""
+    lines = [l for l in group(TABLES[table], _load(dirs)) if l.runs]
+    many = len({l.setting for l in lines}) > 1
+    return _line_curves(lines, [l.row.key + (f" ({l.data}, {l.protocol}, {l.max_iters})" if many
+                                             else "") for l in lines])
+
+
+def collect_settings(dirs: Sequence[Path], by: Optional[Sequence[str]] = None
+                     ) -> Tuple[List[List[List[dict]]], List[str]]:
+    """Per setting of the report's sweep table (idmap.sweeps: `by`, or the overrides that differ
+    between the runs, seeds pooled): its seeds' evaluations, and its label."""
+    from idmap.sweeps import sweep
+
+    lines = sweep(_load(dirs), by).lines
+    return _line_curves(lines, [l.row.key for l in lines])
+
+
+def _load(dirs: Sequence[Path]):
     runs, problems = load_runs(dirs)
     for p in problems:
         _warn(p)
+    return runs
+
+
+def _line_curves(lines, names: Sequence[str]) -> Tuple[List[List[List[dict]]], List[str]]:
     rows, labels = [], []
-    lines = [l for l in group(TABLES[table], runs) if l.runs]
-    settings = {l.setting for l in lines}
-    for line in lines:
+    for line, name in zip(lines, names):
         curves = [m for m in (rundir.read_metrics(r.path, _warn) for r in line.runs
                               if rundir.has_metrics(r.path)) if m]
         if curves:
             rows.append(curves)
-            many = len(settings) > 1
-            where = f" ({line.data}, {line.protocol}, {line.max_iters})" if many else ""
             seeds = f"median of {len(curves)} seeds" if len(curves) > 1 else "1 seed"
-            labels.append(f"{line.row.key}{where}, {seeds}")
+            labels.append(f"{name}, {seeds}")
     return rows, labels
 
 
@@ -157,10 +176,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--table", choices=list(TABLES),
                         help="one median curve with a min-max band over seeds per row of this "
                         "paper table (runs grouped as scripts/report.py groups them)")
+    parser.add_argument("--by", nargs="?", const="", metavar="KEY,...",
+                        help="one median curve with a min-max band over seeds per setting, grouped "
+                        "as the report's sweep table (default keys: the overrides that differ)")
     args = parser.parse_args(argv)
+    rows = bool(args.table) or args.by is not None
     try:
         if args.table:
             curves, labels = collect_rows(args.dirs, args.table)
+        elif args.by is not None:
+            curves, labels = collect_settings(args.dirs, [k for k in args.by.split(",") if k])
         else:
             curves, labels = collect(args.dirs)
     except FileNotFoundError as e:
@@ -170,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: no {rundir.METRICS} with evaluations under the given directories"
               + (f" in a row of {args.table}" if args.table else ""), file=sys.stderr)
         return 1
-    if args.table:
+    if rows:
         plot_rows(curves, labels, args.out, args.ymax)
         print(f"{len(curves)} rows, {sum(map(len, curves))} runs -> {args.out}")
     else:

@@ -20,36 +20,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 
 from idmap.norm import GhostBatchNorm2d, frozen_running_stats, norm as _norm
+# Figure 4's orderings (and orderings given as data) live in orderings.py, their one home.
+from idmap.orderings import ORDERINGS, Ordering, block_of
 
-
-# --------------------------------------------------------------------------------------------------
-# Figure 4: where BN and ReLU go. `layer` wraps every weight layer of the branch but the last,
-# `last` wraps the last one, `after_add` is f. Read a basic (two-layer) unit as layer + last:
-#   (a) original          conv bn relu | conv bn        | add | relu
-#   (b) bn_after_add      conv bn relu | conv           | add | bn relu
-#   (c) relu_before_add   conv bn relu | conv bn relu   | add
-#   (d) relu_only_preact  relu conv bn | relu conv bn   | add
-#   (e) full_preact       bn relu conv | bn relu conv   | add
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Ordering:
-    layer: tuple[str, ...]
-    last: tuple[str, ...]
-    after_add: tuple[str, ...] = ()
-
-    @property
-    def preact(self) -> tuple[str, ...]:
-        """The activation a pre-activation unit applies before its first weight layer."""
-        return self.layer[: self.layer.index("conv")]
-
-
-ORDERINGS = {
-    "original": Ordering(("conv", "bn", "relu"), ("conv", "bn"), ("relu",)),
-    "bn_after_add": Ordering(("conv", "bn", "relu"), ("conv",), ("bn", "relu")),
-    "relu_before_add": Ordering(("conv", "bn", "relu"), ("conv", "bn", "relu")),
-    "relu_only_preact": Ordering(("relu", "conv", "bn"), ("relu", "conv", "bn")),
-    "full_preact": Ordering(("bn", "relu", "conv"), ("bn", "relu", "conv")),
-}
 
 # Weight layers of each unit type as (kernel, width multiplier); the unit's stride goes on the first
 # layer, as in the official Torch code (resnet-pre-act.lua) for bottlenecks too.
@@ -308,7 +281,7 @@ def build_resnet(
     depth: int,
     *,
     num_classes: int = 10,
-    block: str = "full_preact",
+    block: str | Ordering = "full_preact",
     shortcut: str = "identity",
     unit: str = "auto",
     downsample: str = "auto",
@@ -321,7 +294,8 @@ def build_resnet(
 ) -> ResNet:
     """A CIFAR ResNet of `depth` weight layers with the paper's residual unit variants.
 
-    block: original | bn_after_add | relu_before_add | relu_only_preact | full_preact (figure 4).
+    block: original | bn_after_add | relu_before_add | relu_only_preact | full_preact (figure 4),
+        or an idmap.orderings.Ordering (e.g. orderings.parse(data, name)).
     shortcut: identity | constant_scaling | exclusive_gating | shortcut_only_gating | conv1x1 |
         dropout (figure 2); options shortcut_scale, residual_scale, gate_bias, gate_bn, dropout_p,
         dropout_rescale default to the rows the paper reports numbers for.
@@ -332,8 +306,9 @@ def build_resnet(
         units_per_stage=(2, 2, 2, 2) for a pre-activation ResNet-18.
     bn_batch: ghost batch norm over chunks of this many images.
     """
-    if block not in ORDERINGS:
-        raise ValueError(f"unknown block {block!r}; choose from {', '.join(ORDERINGS)}")
+    if not isinstance(block, Ordering) and block not in ORDERINGS:
+        raise ValueError(f"unknown block {block!r}; choose from {', '.join(ORDERINGS)}, or give its "
+                         "ordering as data (orderings.py)")
     if shortcut not in SHORTCUTS:
         raise ValueError(f"unknown shortcut {shortcut!r}; choose from {', '.join(SHORTCUTS)}")
     unknown = set(options) - set(SHORTCUT_DEFAULTS)
@@ -360,7 +335,7 @@ def build_resnet(
     if bn_batch is not None and bn_batch < 1:
         raise ValueError(f"bn_batch must be a positive number of images, got {bn_batch}")
     opts = {**SHORTCUT_DEFAULTS, **options}
-    ordering = ORDERINGS[block]
+    ordering = block if isinstance(block, Ordering) else ORDERINGS[block]
 
     stem_ch = widths[0]
     stem = [nn.Conv2d(3, stem_ch, 3, padding=1, bias=False)]
@@ -377,8 +352,8 @@ def build_resnet(
     head_act = nn.Sequential(*_ops(ordering.preact, [], ch, bn_batch))
     model = ResNet(nn.Sequential(*stem), units, head_act, ch, num_classes, checkpointing)
     # The choices as resolved ('auto' made concrete), for summaries and reports.
-    model.arch = dict(depth=depth, block=block, shortcut=shortcut, unit=unit, downsample=downsample,
-                      widths=list(widths), units_per_stage=list(units_per_stage))
+    model.arch = dict(depth=depth, block=ordering.name or "custom", shortcut=shortcut, unit=unit,
+                      downsample=downsample, widths=list(widths), units_per_stage=list(units_per_stage))
     _init(model, zero_init_residual)
     return model
 
@@ -407,7 +382,7 @@ def model_kwargs(cfg: Any, num_classes: int) -> dict:
     return dict(
         depth=m["depth"],
         num_classes=num_classes,
-        block=m["block"],
+        block=block_of(m),  # a paper ordering's name, or the block file's own ordering
         shortcut=s["name"],
         unit=m["unit"],
         downsample=m["downsample"],

@@ -28,6 +28,7 @@ Whether two rows differ (the methods are in src/idmap/stats.py), only for rows o
 - the paper's ordering: for each pair of rows that the paper orders (two different numbers, or a
   number and "fail"), whether the runs agree (significant, same direction), disagree (significant,
   opposite) or leave it undecided; --seeds-needed estimates how many seeds would decide it.
+Runs of no paper row go to one sweep table (idmap.sweeps), with these columns and methods.
 """
 
 import argparse
@@ -40,7 +41,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from idmap import stats
+from idmap import IdmapError, stats
 from idmap.paper import FAIL, TABLES, Row, Table
 from idmap.runs import Run, load_runs
 
@@ -284,26 +285,27 @@ def _iters(n: Optional[int]) -> str:
 
 
 # The comparison columns come last so that the first eleven keep their places for readers.
-COLUMNS = ["row", "case", "data", "protocol", "iters", "{ref}", "median", "mean ± std", "seeds",
-           "fail", "vs {ref}", "median 95% interval", "Δ median vs {baseline} [95%]", "p",
-           "verdict"]
+# SETTING_COLUMNS and the statistics (STAT_COLUMNS) are shared with the sweep table (sweeps.py).
+SETTING_COLUMNS = ["data", "protocol", "iters"]
+STAT_COLUMNS = ["median", "mean ± std", "seeds", "fail", "median 95% interval",
+                "Δ median vs {baseline} [95%]", "p", "verdict"]
+COLUMNS = ["row", "case", *SETTING_COLUMNS, "{ref}", *STAT_COLUMNS[:4], "vs {ref}",
+           *STAT_COLUMNS[4:]]
 
 
-def cells(line: Line) -> List[str]:
-    row = line.row
-    if line.runs:
-        data = line.data + ("" if line.paper_data else " *")
-        protocol, iters = line.protocol, _iters(line.max_iters)
-    else:
-        data = protocol = iters = "—"
-    if isinstance(row.reference, float):
-        reference = _pp(row.reference)
-    else:  # FAIL, or no number: what the source says instead
-        reference = row.reference or (f"— ({row.note})" if row.note else "—")
+def setting_cells(line: Line) -> List[str]:
+    """What the line's runs trained on: data (* when not the row's own), protocol, iterations."""
+    if not line.runs:
+        return ["—"] * 3
+    return [line.data + ("" if line.paper_data else " *"), line.protocol, _iters(line.max_iters)]
+
+
+def stat_cells(line: Line) -> List[str]:
+    """The cells of STAT_COLUMNS: the line's seeds, and their comparison with its baseline."""
     if line.median == math.inf:
         median = "fail (diverged)"
     else:
-        median = _pp(line.median) + (" fail" if row.is_fail(line.median) else "")
+        median = _pp(line.median) + (" fail" if line.row.is_fail(line.median) else "")
     mean = "—" if line.mean is None else f"{_pp(line.mean)} ± {_pp(line.std)}"
     finished = len(line.outcomes)
     interval = line.median_interval
@@ -312,12 +314,21 @@ def cells(line: Line) -> List[str]:
     if c is not None:
         diff = _signed(c.diff) + ("" if c.interval is None else
                                   " [" + ", ".join(map(_signed, c.interval)) + "]")
-    return [row.key, row.label, data, protocol, iters, reference, median, mean,
-            f"{finished}/{len(line.runs)}", f"{line.fails}/{finished}" if finished else "—",
-            line.flag,
+    return [median, mean, f"{finished}/{len(line.runs)}",
+            f"{line.fails}/{finished}" if finished else "—",
             "—" if interval is None else
             f"[{_error(interval[0])}, {_error(interval[1])}] {interval[2]:.1%}",
             diff, "—" if c is None else f"{c.p:.3f}", line.verdict]
+
+
+def cells(line: Line) -> List[str]:
+    row = line.row
+    if isinstance(row.reference, float):
+        reference = _pp(row.reference)
+    else:  # FAIL, or no number: what the source says instead
+        reference = row.reference or (f"— ({row.note})" if row.note else "—")
+    stat = stat_cells(line)
+    return [row.key, row.label, *setting_cells(line), reference, *stat[:4], line.flag, *stat[4:]]
 
 
 def markdown(table: Table, lines: Sequence[Line], seeds_needed: bool = False,
@@ -377,45 +388,71 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path,
                         help="run or sweep directories (searched recursively)")
-    parser.add_argument("--table", choices=["auto", *TABLES], default="auto",
-                        help="the paper's table to fill (auto: every table that has runs)")
+    parser.add_argument("--table", choices=["auto", *TABLES, "sweep"], default="auto",
+                        help="the paper's table to fill (auto: every table that has runs, and the "
+                        "runs of no paper row in a sweep table; sweep: every run in a sweep table)")
     parser.add_argument("--csv", type=Path, help="also write the lines as CSV to this file")
-    parser.add_argument("--baseline", metavar="KEY",
-                        help="a row key: the row every row is compared with; or a block such as "
-                        "full_preact: that block's row of each network (tables 2-3). Default: each "
-                        "network's original unit (tables 2-3), the table's first row (others)")
+    parser.add_argument("--baseline", metavar="KEY", help="a row key, or a block (full_preact or "
+                        "block=full_preact): that block's row of each network (tables 2-3); "
+                        "default: original (tables 2-3), the first row (others). Sweep table: a "
+                        "setting, e.g. optim.lr=0.1")
+    parser.add_argument("--by", metavar="KEY,...", type=lambda s: [k for k in s.split(",") if k],
+                        help="the sweep table's grouping keys (default: the overrides whose values "
+                        "differ between its runs, seeds pooled)")
     parser.add_argument("--seeds-needed", action="store_true",
-                        help="for each pair the paper orders that the runs leave undecided, "
-                        "estimate the seeds per row that would decide it")
+                        help="for each pair the paper orders (sweep: each comparison with the "
+                        "baseline) that the runs leave undecided, estimate the seeds per row that "
+                        "would decide it")
+    parser.add_argument("--next", action="store_true",
+                        help="print the train.py -m commands that add those seeds to a sweep")
     args = parser.parse_args(argv)
-
     try:
-        runs, problems = load_runs(args.dirs)
-    except FileNotFoundError as e:
+        return _report(args)
+    except (FileNotFoundError, IdmapError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _paper_baseline(baseline: Optional[str]) -> Optional[str]:
+    """--baseline for the paper tables: a row key or block; block=NAME is the block NAME."""
+    if baseline and "=" in baseline:
+        key, _, value = baseline.partition("=")
+        return value if key == "block" and "," not in value else None
+    return baseline
+
+
+def _report(args) -> int:
+    from idmap import sweeps  # it builds on this module
+
+    runs, problems = load_runs(args.dirs)
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)
-    tables = detect_tables(runs) if args.table == "auto" else [TABLES[args.table]]
-    if not tables:
-        print(f"error: none of the {len(runs)} runs is a row of a paper table; "
-              "choose a table with --table", file=sys.stderr)
+    tables = [TABLES[args.table]] if args.table in TABLES else detect_tables(runs) * (args.table == "auto")
+    rest = [r for r in runs if not any(row_of(t, r) for t in tables)]
+    if rest and args.table in TABLES:  # the table asked for, and no other
+        print(f"warning: {len(rest)} runs are no row of {args.table}, e.g. {rest[0].path}",
+              file=sys.stderr)
+        rest = []
+    if not runs and not tables:
+        print(f"error: no runs under {' '.join(map(str, args.dirs))} (--table T prints the rows "
+              "of paper table T)", file=sys.stderr)
         return 1
-    if args.baseline and not any(baseline_rows(t, args.baseline) for t in tables):
-        print(f"error: --baseline {args.baseline} is no row of "
-              f"{', '.join(t.name for t in tables)}", file=sys.stderr)
-        return 2
-    unmatched = [r for r in runs if not any(row_of(t, r) for t in tables)]
-    if unmatched:
-        print(f"warning: {len(unmatched)} runs are no row of {', '.join(t.name for t in tables)}, "
-              f"e.g. {unmatched[0].path}", file=sys.stderr)
-
+    base, paper_base = args.baseline, _paper_baseline(args.baseline)
+    table = sweeps.sweep(rest, args.by, base if base and ("=" in base or not tables) else None)
+    if paper_base and tables and not any(baseline_rows(t, paper_base) for t in tables) and not (
+            table.lines and "=" in base):
+        raise IdmapError(f"--baseline {base} is no row of {', '.join(t.name for t in tables)}")
     all_lines = []
-    for table in tables:
-        baseline = args.baseline if baseline_rows(table, args.baseline) else None
-        lines = group(table, runs, baseline)
+    for t in tables:
+        baseline = paper_base if baseline_rows(t, paper_base) else None
+        lines = group(t, runs, baseline)
         all_lines += lines
-        print(markdown(table, lines, args.seeds_needed, baseline))
+        print(markdown(t, lines, args.seeds_needed, baseline))
+    if table.lines:
+        print(sweeps.markdown(table, args.seeds_needed))
+    if args.next:
+        print("\n".join(sweeps.next_report(all_lines, table)))
+    all_lines += table.lines
     for message in duplicate_seeds(all_lines):
         print(f"warning: {message}", file=sys.stderr)
     if args.csv:

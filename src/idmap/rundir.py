@@ -202,3 +202,28 @@ def hydra_config_path(run_dir: Path) -> Path:
 
 def hydra_overrides_path(run_dir: Path) -> Path:
     return Path(run_dir) / HYDRA_OVERRIDES
+
+
+def read_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides Hydra recorded for the run, as written ([] when absent)."""
+    from omegaconf import OmegaConf
+
+    path = hydra_overrides_path(run_dir)
+    if not path.is_file():
+        return []
+    try:
+        overrides = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception:  # a torn or hand-edited file: the run still reports, without its overrides
+        return []
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
+
+
+def read_config(run_dir: Path):
+    """The composed config Hydra recorded for the run (an OmegaConf node), None when absent."""
+    from omegaconf import OmegaConf
+
+    path = hydra_config_path(run_dir)
+    try:
+        return OmegaConf.load(path) if path.is_file() else None
+    except Exception:
+        return None

@@ -5,7 +5,7 @@ leaves Hydra's block choice full_preact, so choices alone would misfile it)."""
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from idmap import rundir
 
@@ -23,6 +23,9 @@ class Run:
     max_iters: Optional[int]
     seed: Optional[int]
     notes: List[str] = field(default_factory=list)  # choices that disagree with the built model
+    # What the run recorded in .hydra/: its command-line overrides and composed config (sweeps.py).
+    overrides: List[str] = field(default_factory=list)
+    config: Any = None
 
     @property
     def outcome(self) -> Optional[float]:
@@ -95,6 +98,8 @@ def load_run(path: Path) -> Run:
         max_iters=s.get("max_iters"),
         seed=s.get("seed"),
         notes=notes,
+        overrides=rundir.read_overrides(path),
+        config=rundir.read_config(path),
     )
 
 

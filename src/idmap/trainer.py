@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from idmap import IdmapError, data as datamod
 from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
+from idmap.orderings import check_config
 from idmap.rundir import CHECKPOINT, RunLog, git_commit
 from idmap.runtime import Interrupted, StopFlag, autocast, configure, memory_format, resolve_device
 from idmap.state import BatchStream, RunExists, TrainState
@@ -135,6 +136,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     signalled, IdmapError for bad input. `choices`: the config group choices the run records."""
     run_dir = Path(run_dir)
     validate(cfg)
+    check_config(cfg.model, (choices or {}).get("block"))  # a block file's ordering, before any work
     device = resolve_device(cfg.trainer.device)
     configure(cfg.trainer, cfg.seed)
     if device.type == "cuda":  # the summary's peak memory is this run's, not the process's

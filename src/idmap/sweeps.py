@@ -1,0 +1,308 @@
+"""A report for any sweep: runs that are no row of a paper table, one line per setting.
+
+A run's setting is read from what it recorded (its .hydra/ overrides and config, through
+idmap.rundir), never from folder names: by default the keys whose values differ between the runs,
+the seed left out so that a setting's seeds are pooled; `--by KEY,...` names the keys instead.
+A key a run did not override has the value of its config group choice (as built, runs.py) or of
+its composed config. The lines are report.Line objects of a table made for the sweep, so every
+column and method is the paper tables' own (median, mean ± std, seeds, fail, the median interval,
+Δ median vs a baseline, p, verdict; stats.py).
+
+The baseline (`--baseline KEY=VALUE[,KEY=VALUE]`) is, for each line, the line with the same values
+but those of the baseline: `--baseline optim.lr=0.1` compares each block's other learning rates
+with that block's lr 0.1. Default: the first line. `--next` prints the `train.py -m` command that
+adds the seeds `--seeds-needed` estimates to the lines of undecided comparisons.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from idmap import IdmapError, stats
+from idmap.paper import Row, Table
+from idmap.report import SETTING_COLUMNS, STAT_COLUMNS, Line, setting_cells, stat_cells
+from idmap.runs import Run
+
+# Keys that never tell settings apart: the seed is pooled; the rest say how or where a run ran.
+POOLED = ("seed", "trainer.resume", "trainer.device", "trainer.progress", "gpu_pool.", "hydra.",
+          "hydra/", "launcher")
+TABLE = "sweep"
+NOT_REPEATED = ("seed", "trainer.resume", "hydra.", "hydra/")
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _unquoted(value: str) -> str:
+    return value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value
+
+
+def _canonical(text: str) -> str:
+    """An override's value as the config would print it: [8,16,32] as [8, 16, 32], true as True."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(_unquoted(text))
+    except yaml.YAMLError:
+        return _unquoted(text)
+    return _unquoted(text) if isinstance(value, str) or value is None else str(value)
+
+
+def recorded(run: Run) -> Dict[str, str]:
+    """The run's overrides as key -> value, the last given winning (a resumed run repeats some)."""
+    return {_key(o): _canonical(o.partition("=")[2]) for o in run.overrides if "=" in o}
+
+
+def value(run: Run, key: str) -> Optional[str]:
+    """The run's value of `key`: its override, else its group choice, else its config's."""
+    given = recorded(run)
+    if key in given:
+        return run.choices.get(key, given[key])  # a group as built (runs.built_choices)
+    if key in run.choices:
+        return run.choices[key]
+    if run.config is None:
+        return None
+    from omegaconf import OmegaConf
+
+    found = OmegaConf.select(run.config, key, default=None, throw_on_resolution_failure=False)
+    if found is None:
+        return None
+    return str(OmegaConf.to_container(found) if OmegaConf.is_config(found) else found)
+
+
+def default_keys(runs: Sequence[Run]) -> List[str]:
+    """The overridden keys whose values differ between the runs, in the order first given."""
+    keys = list(dict.fromkeys(k for r in runs for k in recorded(r)))
+    keys = [k for k in keys if not k.startswith(POOLED)]
+    return [k for k in keys if len({value(r, k) for r in runs}) > 1]
+
+
+def parse_setting(text: str) -> Dict[str, str]:
+    """`optim.lr=0.1` or `block=full_preact,optim.lr=0.1` -> {key: value}; a comma inside a value
+    (a list) stays with its value."""
+    parts: List[str] = []
+    for piece in text.split(","):
+        if "=" in piece or not parts:
+            parts.append(piece)
+        else:
+            parts[-1] += "," + piece
+    setting = {}
+    for part in parts:
+        key, eq, val = part.partition("=")
+        if not eq or not key.strip():
+            raise IdmapError(f"--baseline {text}: give a setting as KEY=VALUE, e.g. optim.lr=0.1")
+        setting[_key(key.strip())] = _canonical(val.strip())
+    return setting
+
+
+def _natural(v: Optional[str]) -> Tuple:
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+@dataclass
+class Sweep:
+    """The sweep table: its grouping keys, its lines (report.Line) and each line's values."""
+
+    keys: List[str]
+    lines: List[Line]
+    values: Dict[int, Dict[str, Optional[str]]] = field(default_factory=dict)  # id(line) -> values
+    baseline: str = ""
+
+    def values_of(self, line: Line) -> Dict[str, Optional[str]]:
+        return self.values[id(line)]
+
+
+def label(values: Dict[str, Optional[str]]) -> str:
+    return " ".join(f"{k}={v}" for k, v in values.items()) or "all runs"
+
+
+def _joined(items) -> str:
+    return ", ".join(sorted({str(i) for i in items}))
+
+
+def sweep(runs: Sequence[Run], by: Optional[Sequence[str]] = None,
+          baseline: Optional[str] = None) -> Sweep:
+    """One line per distinct setting of `runs` (seeds pooled), each with its baseline's line."""
+    keys = list(by) if by else default_keys(runs)
+    groups: Dict[Tuple, List[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(value(run, k) for k in keys), []).append(run)
+    ordered = sorted(groups, key=lambda vs: [_natural(v) for v in vs])
+    rows, result = [], Sweep(keys, [])
+    for vs in ordered:
+        members = groups[vs]
+        values = dict(zip(keys, vs))
+        data = _joined(r.data for r in members)
+        iters = {r.max_iters for r in members}
+        row = Row(key=label(values), label=label(values), choices={}, reference=None, dataset=data)
+        rows.append(row)
+        line = Line(None, row, data, _joined(r.choices.get("protocol", "?") for r in members),
+                    iters.pop() if len(iters) == 1 else None, members)
+        result.lines.append(line)
+        result.values[id(line)] = values
+    table = Table(TABLE, "Sweep: final test error (%) per setting", "none: no paper table has "
+                  "these settings", "median of seeds", tuple(rows), reference_column="—")
+    for line in result.lines:
+        line.table = table
+    _set_baselines(result, baseline)
+    return result
+
+
+def _set_baselines(table: Sweep, baseline: Optional[str]) -> None:
+    if not table.lines:
+        return
+    if baseline is None:
+        first = table.lines[0]
+        table.baseline = first.row.key
+        for line in table.lines:
+            line.baseline = first
+        return
+    spec = parse_setting(baseline)
+    unknown = [k for k in spec if k not in table.keys]
+    if unknown:
+        raise IdmapError(f"--baseline {baseline}: {', '.join(unknown)} is not a key the sweep's "
+                         f"lines differ by ({', '.join(table.keys) or 'none'}); name it with --by")
+    table.baseline = label(spec)
+    by_values = {tuple(table.values_of(l).items()): l for l in table.lines}
+    for line in table.lines:
+        target = {**table.values_of(line), **spec}
+        line.baseline = by_values.get(tuple(target.items()))
+    if not any(line.baseline is line for line in table.lines):
+        raise IdmapError(f"--baseline {baseline}: no line of the sweep has that setting (lines: "
+                         f"{'; '.join(l.row.key for l in table.lines)})")
+
+
+def undecided(table: Sweep) -> List[Line]:
+    """Lines whose comparison with their baseline shows no difference."""
+    return [l for l in table.lines if l.comparison is not None and l.comparison.sign == 0]
+
+
+COLUMNS = ["setting", *SETTING_COLUMNS, *STAT_COLUMNS]
+
+
+def markdown(table: Sweep, seeds_needed: bool = False) -> str:
+    header = [c.format(baseline=table.baseline) for c in COLUMNS]
+    by = ", ".join(table.keys) or "none (one setting)"
+    out = [f"## {table.lines[0].table.title}", "",
+           f"One line per setting of {by} (each run's recorded overrides and config), seeds "
+           f"pooled; baseline {table.baseline}.", "",
+           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join([line.row.key, *setting_cells(line), *stat_cells(line)]) + " |"
+            for line in table.lines]
+    out += ["", "median: final test error over finished seeds, a diverged seed counting as fail; "
+            "mean ± std over completed seeds; seeds: finished/all runs; fail: seeds diverged or "
+            "above 20% (CIFAR-10).", "",
+            *stats.method_notes(f"Δ median vs {table.baseline}")]
+    if seeds_needed:
+        out.append("")
+        for line in undecided(table):
+            note = stats.seeds_needed_note(line.outcomes, line.baseline.outcomes)
+            out.append(f"- undecided: {line.row.key} vs {line.baseline.row.key}; {note}")
+        out.append(stats.SEEDS_NEEDED_METHOD)
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# --next: the seeds that would decide the undecided comparisons
+# --------------------------------------------------------------------------------------------------
+def undecided_pairs(lines: Sequence[Line], table: Optional[Sweep] = None) -> List[Tuple[Line, Line]]:
+    """The undecided pairs: of each paper table among `lines`, the pairs the paper orders
+    (report.paper_pairs); of the sweep table, each line and its baseline."""
+    from idmap.report import paper_pairs
+
+    pairs = []
+    for name in dict.fromkeys(l.table.name for l in lines if l.table.name != TABLE):
+        of_table = [l for l in lines if l.table.name == name]
+        pairs += [(p.lower, p.higher) for ps in paper_pairs(of_table).values() for p in ps
+                  if p.outcome == "undecided"]
+    return pairs + ([(l, l.baseline) for l in undecided(table)] if table else [])
+
+
+def seeds_to_add(pairs: Sequence[Tuple[Line, Line]]) -> Dict[int, Tuple[Line, List[int]]]:
+    """Per line of an undecided pair (both sides), the new seeds it needs: as many as
+    stats.seeds_needed says, numbered after the highest seed the line has run."""
+    wanted: Dict[int, Tuple[Line, int]] = {}
+    for a, b in pairs:
+        n = stats.seeds_needed(a.outcomes, b.outcomes)
+        if n is None:
+            continue
+        for side in (a, b):
+            have = wanted.get(id(side), (side, 0))[1]
+            wanted[id(side)] = (side, max(have, n))
+    out = {}
+    for key, (line, n) in wanted.items():
+        seeds = [r.seed for r in line.runs if isinstance(r.seed, int)]
+        missing = n - len(set(seeds))
+        if missing > 0:
+            start = max(seeds, default=0) + 1
+            out[key] = (line, list(range(start, start + missing)))
+    return out
+
+
+def _sweep_dir(line: Line) -> Path:
+    return line.runs[0].path.parent
+
+
+def _own(run: Run) -> List[str]:
+    """A run's overrides to repeat: its settings and how it ran (device, launcher), not its seed
+    nor a resume."""
+    return [o for o in run.overrides if not _key(o).startswith(NOT_REPEATED)]
+
+
+def _merged(lines: Sequence[Line]) -> Optional[List[str]]:
+    """The lines' overrides as one Hydra sweep (each differing key as KEY=V1,V2) when the lines
+    are every combination of those values; None when they are not."""
+    per = [{_key(o): o for o in _own(l.runs[0])} for l in lines]
+    keys = list(per[0])
+    if any(list(p) != keys for p in per) or len({tuple(p.values()) for p in per}) < len(lines):
+        return None
+    values = {k: list(dict.fromkeys(p[k].partition("=")[2] for p in per)) for k in keys}
+    if math.prod(len(v) for v in values.values()) != len(lines):
+        return None
+    return [per[0][k].partition("=")[0] + "=" + ",".join(values[k]) for k in keys]
+
+
+def next_commands(pairs: Sequence[Tuple[Line, Line]], train: str = "train.py") -> List[str]:
+    """The `python train.py -m` commands that run those seeds: one per set of lines that need the
+    same seeds and form a grid (else one per line), with the lines' recorded overrides, each into a
+    new sweep folder beside the first line's own (report both folders afterwards)."""
+    by_seeds: Dict[Tuple[int, ...], List[Line]] = {}
+    for line, seeds in seeds_to_add(pairs).values():
+        by_seeds.setdefault(tuple(seeds), []).append(line)
+    commands, taken = [], set()
+    for seeds, lines in by_seeds.items():
+        merged = _merged(lines) if len(lines) > 1 else None
+        for own, first in ([(merged, lines[0])] if merged else
+                           [(_own(l.runs[0]), l) for l in lines]):
+            parent = _sweep_dir(first)
+            target = next(t for i in itertools.count(1)
+                          for t in [parent.parent / f"{parent.name}_next{i}"]
+                          if not t.exists() and t not in taken)
+            taken.add(target)
+            args = [*own, "seed=" + ",".join(map(str, seeds)), f"hydra.sweep.dir={target}"]
+            commands.append(" ".join(["python", train, "-m", *map(shlex.quote, args)]))
+    return commands
+
+
+def next_report(lines: Sequence[Line], table: Optional[Sweep] = None) -> List[str]:
+    """--next: the commands for the undecided pairs of the paper tables' `lines` and `table`."""
+    pairs = undecided_pairs(lines, table)
+    commands = next_commands(pairs)
+    if not commands:
+        return ["--next: no undecided pair whose seeds needed can be estimated."]
+    dirs = sorted({str(r.path.parent) for pair in pairs for l in pair for r in l.runs})
+    return ["Next seeds (stats.seeds_needed for each undecided pair; then report "
+            f"{' '.join(dirs)} with the new folders):", *commands]
+
+
+__all__ = ["Sweep", "sweep", "markdown", "next_commands", "next_report", "default_keys", "value",
+           "parse_setting", "seeds_to_add", "undecided_pairs"]
