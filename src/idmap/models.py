@@ -11,7 +11,6 @@ any of the others.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
