@@ -15,7 +15,7 @@ from hydra.errors import HydraException  # noqa: E402
 
 from idmap import IdmapError  # noqa: E402
 from idmap.config import quote_numeric_choices, register_configs  # noqa: E402
-from idmap.launch import resume_argv  # noqa: E402
+from idmap.resume import resume_argv  # noqa: E402
 
 register_configs()
 try:

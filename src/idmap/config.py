@@ -87,7 +87,7 @@ class TrainerConfig:
     log_every: int = 100  # progress bar refresh and the divergence check (a host sync)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # true: continue the checkpoint in hydra.run.dir; a run or sweep directory: continue that, with
-    # its own settings (train.py turns the path into the run's overrides, launch.resume_argv).
+    # its own settings (train.py turns the path into the run's overrides, resume.resume_argv).
     resume: Any = False
     deterministic: bool = False
     # Speed switches (issue 4). None changes the algorithm; bf16 changes arithmetic precision only.

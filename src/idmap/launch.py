@@ -1,16 +1,14 @@
-"""The edge where runs start: the Hydra task, process groups (spawned, torchrun, SLURM tasks), GPU
-pinning, exit codes and failure records. Below this module everything takes a plain config."""
+"""The edge where runs start: the Hydra task (exit codes) and process groups (spawned, torchrun,
+SLURM tasks), GPU pinning. Below this module everything takes a plain config; resuming by
+directory is resume.py's, sweep bookkeeping sweep.py's."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import signal
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -18,10 +16,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, MULTIRUN, SUMMARY, hydra_config_path, hydra_overrides_path,
-                          read_summary, update_summary)
+from idmap.resume import already_done
+from idmap.rundir import HYDRA_DIR, HYDRA_LOG, SUMMARY, read_summary
 from idmap.runtime import Interrupted, resolve_device
-from idmap.state import RESUMABLE, RunExists, settings_changed
+from idmap.state import RunExists
+from idmap.sweep import record_failure, sweep_progress
 from idmap.trainer import train
 
 log = logging.getLogger("idmap")
@@ -157,136 +156,6 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None) -> di
 
 
 # --------------------------------------------------------------------------------------------------
-# Resuming by directory: `python train.py trainer.resume=DIR [settings]`
-# --------------------------------------------------------------------------------------------------
-def resume_argv(argv: list[str]) -> list[str]:
-    """The command line that continues the run or sweep in `trainer.resume=DIR`: the run's own
-    overrides (from its .hydra/ or the sweep's multirun.yaml), then the user's other arguments,
-    which may change how it runs (e.g. raise trainer.max_iters) but not what it computes; those are
-    refused here, before Hydra writes anything. Other command lines pass through unchanged."""
-    given = [a for a in argv if a.startswith("trainer.resume=")]
-    value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
-    if value.lower() == "true":  # the long form: the same checks, before Hydra writes into the run
-        run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
-        if run_dirs and hydra_config_path(Path(run_dirs[-1])).is_file() and not {"-m", "--multirun"} & set(argv):
-            task = [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "hydra/"))]
-            _refuse_shortening(Path(run_dirs[-1]), _refuse_other_settings(Path(run_dirs[-1]), task))
-        return argv
-    if not value or value.lower() == "false":
-        return argv
-    path = Path(value)
-    rest = [a for a in argv if not a.startswith("trainer.resume=")]
-    if hydra_overrides_path(path).is_file():
-        return _resume_run(path, rest)
-    if (path / MULTIRUN).is_file():
-        return _resume_sweep(path, rest)
-    raise IdmapError(f"trainer.resume={value}: not a run directory (no {hydra_overrides_path(path)}) "
-                     f"nor a sweep directory (no {path / MULTIRUN})")
-
-
-def _strings(overrides) -> list[str]:
-    """Recorded overrides as written: values such as ${hydra.job.num} stay unresolved."""
-    return OmegaConf.to_container(overrides, resolve=False)
-
-
-def _key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")
-
-
-def _last_per_key(overrides: list[str]) -> list[str]:
-    """One override per key, the last given: a run resumed many times keeps a short record."""
-    last = {_key(o): o for o in overrides}
-    return [o for o in overrides if last[_key(o)] is o]
-
-
-def _quoted(path: Path) -> str:
-    """A path as a quoted Hydra override value: commas, brackets or '=' in it stay part of it."""
-    return "'" + str(path).replace("'", "\\'") + "'"
-
-
-def _resume_run(path: Path, rest: list[str]) -> list[str]:
-    if any(a in ("-m", "--multirun") for a in rest):
-        raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
-    own = [o for o in _strings(OmegaConf.load(hydra_overrides_path(path)))
-           if not o.startswith("trainer.resume=")]
-    args = _last_per_key([*own, *rest, "trainer.resume=true"])
-    task = [a for a in args if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
-    new = _refuse_other_settings(path, task)
-    if new["trainer"].get("epochs") and any(_key(a) == "trainer.max_iters" for a in rest):
-        raise IdmapError(f"{path} counts its length in epochs (trainer.epochs={new['trainer']['epochs']}); "
-                         f"extend it with trainer.epochs=N")
-    _refuse_shortening(path, new)
-    # hydra.mode=RUN: a job of an experiment sweep (+experiment=... sets MULTIRUN) resumes as one run.
-    return [*args, "hydra.mode=RUN", f"hydra.run.dir={_quoted(path)}"]
-
-
-def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
-    plan = OmegaConf.load(path / MULTIRUN).hydra
-    rest = [a for a in rest if a not in ("-m", "--multirun")]
-    changed = [a for a in rest if not _runs_differently(a)]
-    if changed:
-        raise IdmapError(f"{', '.join(changed)} would change what the runs of {path} compute; only how "
-                         f"they run may change on resuming (e.g. trainer.max_iters)")
-    overrides = _strings(plan.overrides)
-    own = [o for o in overrides["task"] if not o.startswith("trainer.resume=")]
-    # The sweep's own launcher settings (partition, account, n_jobs, ...) and job folder names.
-    launcher = [o for o in overrides["hydra"] if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]
-    subdir = OmegaConf.to_container(plan.sweep, resolve=False)["subdir"]
-    return ["-m", *_last_per_key([*own, *launcher, *rest, "trainer.resume=true"]),
-            f"hydra.sweep.dir={_quoted(path)}", f"hydra.sweep.subdir={subdir}"]
-
-
-def _runs_differently(override: str) -> bool:
-    """Whether an override only changes how runs run (state.RESUMABLE; Hydra's own settings)."""
-    key = _key(override)
-    if key.startswith(("hydra.", "hydra/")) or key == "launcher":  # e.g. resume on SLURM instead
-        return True
-    section, _, name = key.partition(".")
-    free = RESUMABLE.get(section, set())
-    return free is None or name in free
-
-
-def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> dict:
-    """The config these overrides compose, compared with the run's own before Hydra writes a thing
-    into the run directory, so a refused resume leaves the run as it was."""
-    from idmap.config import compose_config
-
-    saved = OmegaConf.to_container(OmegaConf.load(hydra_config_path(run_dir)), resolve=False)
-    new = OmegaConf.to_container(compose_config(*overrides), resolve=False)
-    changed = settings_changed(saved, new)
-    if changed:
-        raise IdmapError(f"{run_dir} was run with other settings ({'; '.join(changed)}); only how it "
-                         f"runs may change on resuming (e.g. trainer.max_iters)")
-    return new
-
-
-def _refuse_shortening(run_dir: Path, new: dict) -> None:
-    t = new["trainer"]
-    try:
-        done = read_summary(run_dir).get("iterations") or 0
-    except ValueError:
-        return  # no summary yet: the trainer checks against the checkpoint
-    if t.get("epochs"):
-        return
-    if t["max_iters"] < done:
-        raise IdmapError(f"{run_dir} is at iteration {done} already; trainer.max_iters "
-                         f"({t['max_iters']}) can be raised to extend a run, not lowered")
-
-
-def _already_done(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The summary of a run that a resumed sweep finds finished (completed at this length or
-    beyond, or diverged), so that it is not loaded, nor a diverged run given a second chance."""
-    try:
-        summary = read_summary(run_dir)
-    except ValueError:
-        return None
-    # A run already past this length (extended on its own) is done too: resuming never shortens.
-    completed = (summary["status"] == "completed" and not cfg.trainer.epochs
-                 and (summary.get("iterations") or 0) >= cfg.trainer.max_iters)
-    return summary if completed or summary["status"] == "diverged" else None
-
-
-# --------------------------------------------------------------------------------------------------
 # The Hydra task
 # --------------------------------------------------------------------------------------------------
 def main(cfg: DictConfig) -> dict | None:
@@ -305,7 +174,7 @@ def main(cfg: DictConfig) -> dict | None:
         cfg.trainer.progress = False
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        summary = _already_done(cfg, run_dir) if cfg.trainer.resume else None
+        summary = already_done(cfg, run_dir) if cfg.trainer.resume else None
         if summary is not None:
             log.info("%s already %s: not run again", run_dir, summary["status"])
             return summary
@@ -331,7 +200,7 @@ def main(cfg: DictConfig) -> dict | None:
         sys.exit(128 + exc.signum)
     except Exception as exc:
         if not isinstance(exc, RunExists):  # a refused start leaves the run it found as it was
-            record_failure(run_dir, cfg, exc)
+            record_failure(run_dir, cfg, exc, hydra_choices())
         if full_error or (not multirun and not isinstance(exc, IdmapError)):
             raise
         if multirun:
@@ -342,72 +211,3 @@ def main(cfg: DictConfig) -> dict | None:
             return None
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-
-
-def record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
-    """Marks the run failed in its summary.json, unless it completed: a later mistake (a resume with
-    a bad setting) must not turn a finished result into a failure."""
-    with contextlib.suppress(ValueError):
-        if read_summary(run_dir)["status"] == "completed":
-            return
-    with contextlib.suppress(Exception):
-        update_summary(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}",
-                       choices=hydra_choices(), config=OmegaConf.to_container(cfg, resolve=False),
-                       seed=cfg.seed, traceback=traceback.format_exc())
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Sweep progress: one line per finished job
-# --------------------------------------------------------------------------------------------------
-def swept_values(task_overrides: list[str], sweeper_params: dict | None) -> dict[str, int]:
-    """Each swept key of a basic sweep and how many values it takes (command line and the
-    experiment's hydra.sweeper.params, the command line winning)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    swept = {k: str(v) for k, v in (sweeper_params or {}).items()}
-    for o in task_overrides:
-        key, _, value = o.partition("=")
-        swept[key.lstrip("+~")] = value
-    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in swept.items()])
-    return {o.get_key_element().lstrip("+~"): len(list(o.sweep_string_iterator()))
-            for o in parsed if o.is_sweep_override()}
-
-
-def sweep_progress(hc, summary: dict) -> None:
-    """`job k/N <swept values>: <status> <final error>, <wall time>; ETA <time>` after each job. k
-    counts the sweep's finished run directories, so it holds with parallel launchers too; the ETA
-    divides the remaining jobs' mean time by how many have run side by side so far."""
-    try:
-        sweep = Path(hc.sweep.dir)
-        plan = OmegaConf.load(sweep / MULTIRUN).hydra
-        params = plan.sweeper.get("params")
-        task = _strings(plan.overrides)["task"]
-        swept = swept_values(task, OmegaConf.to_container(params, resolve=False) if params else {})
-        total = math.prod(swept.values())
-        label = " ".join(o for o in _strings(hc.overrides.task) if _key(o) in swept)
-        started = (sweep / MULTIRUN).stat().st_mtime  # this (re)start of the sweep
-        finished, recent = 0, []  # recent: wall times of jobs finished since the (re)start
-        for d in sweep.iterdir():
-            with contextlib.suppress(ValueError, OSError):
-                s = read_summary(d)
-                if s["status"] != "running":
-                    finished += 1
-                    if (d / SUMMARY).stat().st_mtime >= started:
-                        recent.append(s.get("wall_time_s") or 0.0)
-        since = time.time() - started
-        side_by_side = max(1.0, sum(recent) / since) if since > 0 else 1.0
-        left = max(0, total - finished)
-        eta = left * (sum(recent) / len(recent)) / side_by_side if recent else 0.0
-        error = summary.get("final_test_error")
-        log.info("job %d/%d %s: %s%s, %s; ETA %s", finished, total, label, summary["status"],
-                 "" if error is None else f" {error:.2f}%", _clock(summary.get("wall_time_s") or 0.0),
-                 _clock(eta) if left else "done")
-    except Exception as exc:  # progress is a courtesy: never let it fail a job
-        log.debug("no sweep progress line: %s", exc)
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
