@@ -4,7 +4,7 @@
 
 import sys
 
-from idmap.bench import main
+from idmap.cli import bench
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(bench())

@@ -12,7 +12,7 @@ the run's data set or of another one with the same classes (dataset=..., --data)
 
 import sys
 
-from idmap.evaluation import main
+from idmap.cli import evaluate
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(evaluate())

@@ -7,7 +7,7 @@
 
 import sys
 
-from idmap.curves import main
+from idmap.cli import curves
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(curves())

@@ -7,7 +7,7 @@
 
 import sys
 
-from idmap.report import main
+from idmap.cli import report
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(report())

@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         paths = write_landscape(result, out, args.vmax)
     except IdmapError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     c = args.grid // 2
     centre = f"f(0, 0) = {result['loss'][c, c]:.4f}, " if args.grid % 2 else ""
     meta = result["meta"]

@@ -400,7 +400,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not tables:
         print(f"error: none of the {len(runs)} runs is a row of a paper table; "
               "choose a table with --table", file=sys.stderr)
-        return 1
+        return 2
     if args.baseline and not any(baseline_rows(t, args.baseline) for t in tables):
         print(f"error: --baseline {args.baseline} is no row of "
               f"{', '.join(t.name for t in tables)}", file=sys.stderr)
