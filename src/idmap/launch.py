@@ -15,9 +15,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from idmap import IdmapError
+from idmap import IdmapError, one_line
+from idmap.config import check_config
 from idmap.resume import already_done
-from idmap.rundir import HYDRA_DIR, HYDRA_LOG, SUMMARY, read_summary
+from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, RunInUse, checkpoint_path, has_lock_file,
+                          lock_run_dir, read_summary, results_held, unlock_run_dir)
 from idmap.runtime import Interrupted, resolve_device
 from idmap.state import RunExists
 from idmap.sweep import record_failure, sweep_progress
@@ -145,14 +147,72 @@ def _remove_stray(run_dir: Path) -> None:
 
 def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None) -> dict:
     """Train one run: in this process, in the process group a launcher started, or in
-    `trainer.world_size` processes spawned here. Returns the summary."""
+    `trainer.world_size` processes spawned here. Returns the summary. The run directory is this
+    run's alone while it runs: rank 0 (or the process that spawns the ranks) holds its lock."""
     run_dir, choices = Path(run_dir), hydra_choices() if choices is None else choices
     group = external_group()
-    if group:
-        return _in_group(cfg, run_dir, choices, group)
-    if cfg.trainer.world_size > 1:
-        return _spawn(cfg, run_dir, choices)
-    return train(cfg, run_dir, choices=choices)
+    owner = not group or group[0] == 0
+    locked = claim(run_dir, bool(cfg.trainer.resume)) if owner else False
+    try:
+        if group:
+            return _in_group(cfg, run_dir, choices, group)
+        if cfg.trainer.world_size > 1:
+            return _spawn(cfg, run_dir, choices)
+        return train(cfg, run_dir, choices=choices)
+    finally:
+        if locked:
+            unlock_run_dir(run_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per run directory
+# --------------------------------------------------------------------------------------------------
+def claim(run_dir: Path, resume: bool) -> bool:
+    """Takes `run_dir` for this process (True when newly taken), or refuses, leaving it as it was: a
+    folder in use by another run, or holding a run that this start cannot continue (a checkpoint
+    without trainer.resume; results without a checkpoint to continue them from)."""
+    if not has_lock_file(run_dir):  # checked before the lock file is made: a refusal creates nothing
+        _refuse_overwrite(run_dir, resume)
+    taken = lock_run_dir(run_dir)
+    try:
+        _refuse_overwrite(run_dir, resume)  # again: a run may have ended here since
+    except RunExists:
+        if taken:
+            unlock_run_dir(run_dir)
+        raise
+    return taken
+
+
+def _refuse_overwrite(run_dir: Path, resume: bool) -> None:
+    if checkpoint_path(run_dir).is_file():
+        if not resume:
+            raise RunExists(f"{run_dir} already holds a checkpoint; continue it with trainer.resume={run_dir} "
+                            f"(or trainer.resume=true and the same hydra.run.dir), or choose another "
+                            f"run directory")
+        return
+    held = results_held(run_dir) if Path(run_dir).is_dir() else None
+    if held:
+        raise RunExists(f"{run_dir} holds a run's results ({held}) but no checkpoint to continue it from; "
+                        f"it is left as it was: restore its checkpoint to continue it, or choose another "
+                        f"run directory")
+
+
+def before_hydra(argv: list[str]) -> None:
+    """A single run's settings checked, and a named hydra.run.dir claimed, before Hydra composes
+    and writes its .hydra/ there: bad input is one line, and a refused start leaves even the run's
+    record of its settings as it was. The lock stays held for the life of this process (the Hydra
+    task finds it held). Sweeps check and claim each job's folder in the job; time-stamped folders
+    (the default, or names with interpolations) are new."""
+    from idmap.config import compose_checked
+
+    if any(a.startswith("-") for a in argv) or int(os.environ.get("RANK", 0)):
+        return  # -m, --help, --cfg ...: Hydra's; rank > 0 of a group: rank 0 checks and claims
+    if any(a.lstrip("+").startswith("experiment=") for a in argv) and "hydra.mode=RUN" not in argv:
+        return  # an experiment is a sweep (hydra.mode=MULTIRUN) unless told otherwise
+    cfg = compose_checked(*[a for a in argv if not a.lstrip("+").startswith(("hydra.", "hydra/"))])
+    named = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+    if named and "$" not in named[-1]:
+        claim(Path(named[-1]), bool(cfg.trainer.resume))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,6 +234,7 @@ def main(cfg: DictConfig) -> dict | None:
         cfg.trainer.progress = False
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        check_config(cfg)  # a sweep's job, or a run started from Python: before anything is written
         summary = already_done(cfg, run_dir) if cfg.trainer.resume else None
         if summary is not None:
             log.info("%s already %s: not run again", run_dir, summary["status"])
@@ -186,7 +247,11 @@ def main(cfg: DictConfig) -> dict | None:
             return summary
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
         if multirun:
-            sweep_progress(hc, summary)
+            sweep_progress(hc, summary)  # a diverged job is counted at the sweep's end (sweep.py)
+        elif summary["status"] != "completed":  # ran, but no result: 1, as for any failed run
+            print(f"error: {run_dir} {summary['status']}: {summary.get('error')}; it has no result",
+                  file=sys.stderr)
+            sys.exit(1)
         return summary
     except Interrupted as exc:
         if int(os.environ.get("RANK", 0)):  # rank 0 reports it and hands the signal to submitit
@@ -199,15 +264,19 @@ def main(cfg: DictConfig) -> dict | None:
             signal.raise_signal(exc.signum)
         sys.exit(128 + exc.signum)
     except Exception as exc:
-        if not isinstance(exc, RunExists):  # a refused start leaves the run it found as it was
+        refused = isinstance(exc, (RunExists, RunInUse))
+        if not refused:  # a refused start leaves the run it found as it was
             record_failure(run_dir, cfg, exc, hydra_choices())
-        if full_error or (not multirun and not isinstance(exc, IdmapError)):
+        if full_error:
             raise
         if multirun:
-            refused = isinstance(exc, RunExists)
             log.error("job %s: %s (%s)", "refused" if refused else "failed", exc,
                       "the run is left as it was" if refused else f"details in {run_dir / SUMMARY}")
             sweep_progress(hc, {"status": "refused" if refused else "failed", "final_test_error": None})
             return None
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(exc, IdmapError):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        print(f"internal error: {one_line(exc)} (details in {run_dir / SUMMARY}; HYDRA_FULL_ERROR=1 "
+              f"shows the traceback)", file=sys.stderr)
+        sys.exit(1)

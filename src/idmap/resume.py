@@ -9,7 +9,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.rundir import MULTIRUN, hydra_config_path, hydra_overrides_path, read_summary
+from idmap.rundir import (MULTIRUN, hydra_config_path, hydra_overrides_path, read_hydra_config, read_overrides,
+                          read_summary, read_sweep_plan)
 from idmap.state import RESUMABLE, settings_changed
 
 
@@ -30,8 +31,8 @@ def resume_argv(argv: list[str]) -> list[str]:
         return argv
     path = Path(value)
     rest = [a for a in argv if not a.startswith("trainer.resume=")]
-    if hydra_overrides_path(path).is_file():
-        return _resume_run(path, rest)
+    if hydra_overrides_path(path).is_file() or hydra_config_path(path).is_file():
+        return _resume_run(path, rest)  # a record that is missing or unreadable is named there
     if (path / MULTIRUN).is_file():
         return _resume_sweep(path, rest)
     raise IdmapError(f"trainer.resume={value}: not a run directory (no {hydra_overrides_path(path)}) "
@@ -61,8 +62,7 @@ def _quoted(path: Path) -> str:
 def _resume_run(path: Path, rest: list[str]) -> list[str]:
     if any(a in ("-m", "--multirun") for a in rest):
         raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
-    own = [o for o in recorded(OmegaConf.load(hydra_overrides_path(path)))
-           if not o.startswith("trainer.resume=")]
+    own = [o for o in read_overrides(path) if not o.startswith("trainer.resume=")]
     args = _last_per_key([*own, *rest, "trainer.resume=true"])
     task = [a for a in args if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
     new = _refuse_other_settings(path, task)
@@ -75,17 +75,17 @@ def _resume_run(path: Path, rest: list[str]) -> list[str]:
 
 
 def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
-    plan = OmegaConf.load(path / MULTIRUN).hydra
+    plan = read_sweep_plan(path)
     rest = [a for a in rest if a not in ("-m", "--multirun")]
     changed = [a for a in rest if not _runs_differently(a)]
     if changed:
         raise IdmapError(f"{', '.join(changed)} would change what the runs of {path} compute; only how "
                          f"they run may change on resuming (e.g. trainer.max_iters)")
-    overrides = recorded(plan.overrides)
+    overrides = plan["overrides"]
     own = [o for o in overrides["task"] if not o.startswith("trainer.resume=")]
     # The sweep's own launcher settings (partition, account, n_jobs, ...) and job folder names.
     launcher = [o for o in overrides["hydra"] if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]
-    subdir = OmegaConf.to_container(plan.sweep, resolve=False)["subdir"]
+    subdir = plan["sweep"]["subdir"]
     return ["-m", *_last_per_key([*own, *launcher, *rest, "trainer.resume=true"]),
             f"hydra.sweep.dir={_quoted(path)}", f"hydra.sweep.subdir={subdir}"]
 
@@ -103,10 +103,10 @@ def _runs_differently(override: str) -> bool:
 def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> dict:
     """The config these overrides compose, compared with the run's own before Hydra writes a thing
     into the run directory, so a refused resume leaves the run as it was."""
-    from idmap.config import compose_config
+    from idmap.config import compose_checked
 
-    saved = OmegaConf.to_container(OmegaConf.load(hydra_config_path(run_dir)), resolve=False)
-    new = OmegaConf.to_container(compose_config(*overrides), resolve=False)
+    saved = read_hydra_config(run_dir)
+    new = OmegaConf.to_container(compose_checked(*overrides), resolve=False)
     changed = settings_changed(saved, new)
     if changed:
         raise IdmapError(f"{run_dir} was run with other settings ({'; '.join(changed)}); only how it "

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint, save_checkpoint
+from idmap.checkpoint import fits, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("idmap")
 
@@ -131,12 +131,14 @@ class TrainState:
                 f"(and the same hydra.run.dir), or choose another run directory"
             )
         state = load_checkpoint(path, map_location=self.sums.device)
-        changed = settings_changed(state["config"], self.config)
+        with fits(path):
+            changed = settings_changed(state["config"], self.config)
         if changed:
             raise RunExists(
                 f"{path} was trained with other settings ({'; '.join(changed)}); resume with the "
                 f"run's own settings (summary.json's 'config') or choose another run directory"
             )
-        self.load_state_dict(state, with_sums=rank == 0)
+        with fits(path):
+            self.load_state_dict(state, with_sums=rank == 0)
         if rank == 0:
             log.info("resuming %s at iteration %d", path.parent, self.iteration)

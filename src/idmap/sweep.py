@@ -1,19 +1,21 @@
 """Sweep bookkeeping: a progress line per finished job, the failure record a failed job leaves in
-its summary.json."""
+its summary.json, and the sweep's exit status, read back from the job folders."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
+import sys
 import time
 import traceback
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from idmap.resume import override_key, recorded
-from idmap.rundir import MULTIRUN, SUMMARY, read_summary, update_summary
+from idmap.rundir import MULTIRUN, SUMMARY, read_summary, run_dirs, update_summary
 
 log = logging.getLogger("idmap")
 
@@ -81,3 +83,40 @@ def _clock(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep's exit status
+# --------------------------------------------------------------------------------------------------
+def failed_jobs(sweep_dir: str | Path) -> list[tuple[Path, str]]:
+    """(job folder, one-line reason) for every job of the sweep in `sweep_dir` that gave no result:
+    its summary.json is missing or unreadable, or its status is not "completed" (failed, diverged,
+    interrupted, refused). Read from the folders, not from this process, so it holds for every
+    launcher, jobs that ran on other machines (SLURM) and jobs of earlier starts of the sweep."""
+    sweep_dir = Path(sweep_dir)
+    out = []
+    for job in run_dirs([sweep_dir]):
+        if job == sweep_dir:
+            continue
+        try:
+            summary = read_summary(job)
+        except ValueError as exc:
+            out.append((job, f"no result recorded ({exc})"))
+            continue
+        if summary["status"] != "completed":
+            error = str(summary.get("error") or "").strip().splitlines()
+            out.append((job, summary["status"] + (f": {error[0]}" if error else "")))
+    return out
+
+
+class SweepStatus(Callback):
+    """Hydra callback (conf/train.yaml, hydra.callbacks): once every job of a multirun has run, one
+    line per failed job and exit status 1, so that a script (or a night's sweep) can trust the
+    exit status."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        failed = failed_jobs(config.hydra.sweep.dir)
+        for job, reason in failed:
+            print(f"failed: {job}: {reason}", file=sys.stderr)
+        if failed:
+            sys.exit(1)
