@@ -7,7 +7,7 @@
 
 import sys
 
-from idmap.cli import report
+from idmap.cli import report as main  # idmap.report's main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
-    sys.exit(report())
+    sys.exit(main())

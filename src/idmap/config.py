@@ -174,6 +174,7 @@ def _ints(v) -> bool:  # None (the paper's layout) or a non-empty list of positi
 _TEXT = (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
 _POSITIVE = (lambda v: _real(v) and v > 0, "a finite number > 0")
+_AT_LEAST_0 = (lambda v: _real(v) and v >= 0, "a finite number >= 0")
 
 
 def _rules() -> dict:
@@ -189,8 +190,9 @@ def _rules() -> dict:
         "model.units_per_stage": (_ints, "null or a list of integers >= 1"),
         "model.zero_init_residual": _BOOL, "model.checkpointing": _BOOL,
         "model.bn_batch": (lambda v: v is None or _int(1)(v), "null or an integer >= 1"),
-        "shortcut.name": choice(tuple(SHORTCUTS)), "shortcut.shortcut_scale": _POSITIVE,
-        "shortcut.residual_scale": _POSITIVE, "shortcut.gate_bias": (_real, "a finite number"),
+        # Table 1 scales h(x) by 0 (no shortcut at all): a scale may be 0.
+        "shortcut.name": choice(tuple(SHORTCUTS)), "shortcut.shortcut_scale": _AT_LEAST_0,
+        "shortcut.residual_scale": _AT_LEAST_0, "shortcut.gate_bias": (_real, "a finite number"),
         "shortcut.gate_bn": _BOOL, "shortcut.dropout_rescale": _BOOL,
         "shortcut.dropout_p": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
         "dataset.name": choice(DATASETS), "dataset.root": _TEXT, "dataset.download": _BOOL,
@@ -199,7 +201,7 @@ def _rules() -> dict:
         "dataset.num_train": (_int(1), "an integer >= 1"), "dataset.num_test": (_int(1), "an integer >= 1"),
         "dataset.num_classes": (_int(2), "an integer >= 2"), "dataset.image_size": (_int(1), "an integer >= 1"),
         "optim.lr": _POSITIVE, "optim.momentum": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "optim.nesterov": _BOOL, "optim.weight_decay": (lambda v: _real(v) and v >= 0, "a finite number >= 0"),
+        "optim.nesterov": _BOOL, "optim.weight_decay": _AT_LEAST_0,
         "optim.gamma": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
         "optim.milestones": (lambda v: all(_int(1)(m) for m in v) and list(v) == sorted(set(v)),
                              "increasing integers >= 1 (iterations)"),
