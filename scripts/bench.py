@@ -4,7 +4,7 @@
 
 import sys
 
-from idmap.bench import main
+from idmap.cli import bench as main  # idmap.bench's main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@
 
 import sys
 
-from idmap.curves import main
+from idmap.cli import curves as main  # idmap.curves' main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

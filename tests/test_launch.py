@@ -10,7 +10,8 @@ import sys
 import pytest
 from conftest import ROOT, TINY, run_train
 
-from idmap.launch import resume_argv, swept_values
+from idmap.resume import resume_argv
+from idmap.sweep import swept_values
 
 SHORT = [*TINY, "trainer.max_iters=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
 

@@ -211,7 +211,7 @@ def test_auto_prints_the_tables_that_have_runs(tmp_path, capsys):
 
 def test_auto_without_runs_is_an_error(tmp_path, capsys):
     code, out, err = report(capsys, tmp_path)
-    assert code == 1 and out == "" and "--table" in err
+    assert code == 2 and out == "" and "--table" in err  # bad input (issue 23's exit codes)
 
 
 def test_corrupt_and_missing_summaries_are_reported_and_skipped(tmp_path, capsys):

@@ -142,10 +142,11 @@ def test_a_non_finite_loss_ends_the_run_as_diverged(tmp_path):
 
 def test_a_diverged_job_does_not_stop_a_multirun(tmp_path):
     sweep = tmp_path / "sweep"
-    run_train("-m", *TINY, "trainer.max_iters=10", "trainer.eval_every=10", "optim.lr=1e30,0.1",
-              f"hydra.sweep.dir={sweep}")
+    proc = run_train("-m", *TINY, "trainer.max_iters=10", "trainer.eval_every=10", "optim.lr=1e30,0.1",
+                     f"hydra.sweep.dir={sweep}", check=False)
     statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json"))
     assert statuses == ["completed", "diverged"]
+    assert proc.returncode == 1 and f"failed: {sweep / '0_full_preact_110'}: diverged: non-finite" in proc.stderr
 
 
 @pytest.mark.parametrize("precision", ["bf16"])

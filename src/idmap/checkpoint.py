@@ -6,12 +6,13 @@ checkpoint from elsewhere cannot run code. What goes in them is TrainState's (st
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
 import torch
 
-from idmap import IdmapError
+from idmap import IdmapError, one_line
 from idmap.rundir import atomic_write, checkpoint_path
 
 FORMAT = 1
@@ -43,16 +44,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def model_from_state(state: dict) -> torch.nn.Module:
+@contextlib.contextmanager
+def fits(path: str | Path):
+    """Restoring from the checkpoint at `path`: one that lacks a key, holds weights of another shape
+    or values of another type becomes an IdmapError naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        raise IdmapError(f"checkpoint {checkpoint_path(path)} does not fit ({one_line(exc)[:300]}); it was "
+                         f"written for another model or by another program: point at the run's own "
+                         f"checkpoint, or move it aside to start the run afresh") from exc
+
+
+def model_from_state(state: dict, path: str | Path = "the checkpoint") -> torch.nn.Module:
     """A checkpoint's model, rebuilt from its config and loaded with its weights (on the CPU)."""
     from idmap.models import build_resnet, model_kwargs
 
-    model = build_resnet(**model_kwargs(state["config"], state["num_classes"]))
-    model.load_state_dict(state["model"])
+    with fits(path):
+        model = build_resnet(**model_kwargs(state["config"], state["num_classes"]))
+        model.load_state_dict(state["model"])
     return model
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     """The trained model of a run directory or checkpoint file, and the run's config as a dict."""
     state = load_checkpoint(path, map_location)
-    return model_from_state(state), state["config"]
+    return model_from_state(state, path), state["config"]

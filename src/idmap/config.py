@@ -4,6 +4,7 @@ Defaults are the paper's CIFAR protocol (paper.md, "Training protocol"); the YAM
 select among the paper's choices and only override what differs.
 """
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -90,7 +91,7 @@ class TrainerConfig:
     log_every: int = 100  # progress bar refresh and the divergence check (a host sync)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # true: continue the checkpoint in hydra.run.dir; a run or sweep directory: continue that, with
-    # its own settings (train.py turns the path into the run's overrides, launch.resume_argv).
+    # its own settings (train.py turns the path into the run's overrides, resume.resume_argv).
     resume: Any = False
     deterministic: bool = False
     # Speed switches (issue 4). None changes the algorithm; bf16 changes arithmetic precision only.
@@ -129,7 +130,7 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="idmap_schema", node=Config)
 
 
-_NUMERIC_CHOICE = re.compile(r"(\+{0,2}depth=)([\w,]+)")
+_NUMERIC_CHOICE = re.compile(r"(\+{0,2}depth=)([-\w.,]+)")
 
 
 def quote_numeric_choices(args: list[str]) -> list[str]:
@@ -152,3 +153,168 @@ def compose_config(*overrides: str):
     conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return compose(config_name="train", overrides=quote_numeric_choices(list(overrides)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Valid values: every key, checked before anything is built or written
+# --------------------------------------------------------------------------------------------------
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _one_of(*names: str):
+    return lambda v: v in names
+
+
+def _ints(v) -> bool:  # None (the paper's layout) or a non-empty list of positive integers
+    return v is None or (len(v) > 0 and all(_int(1)(x) for x in v))
+
+
+_TEXT = (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_POSITIVE = (lambda v: _real(v) and v > 0, "a finite number > 0")
+_AT_LEAST_0 = (lambda v: _real(v) and v >= 0, "a finite number >= 0")
+
+
+def _rules() -> dict:
+    """key -> (test, what is allowed). Choices come from where each choice is implemented."""
+    from idmap.data import DATASETS
+    from idmap.models import SHORTCUTS, UNITS
+
+    choice = lambda names: (_one_of(*names), "one of " + ", ".join(names))  # noqa: E731
+    return {
+        "model.depth": (_int(1), "an integer >= 1"), "model.unit": choice(("auto", *UNITS)),
+        # A paper ordering's name, or the name of a block file's own ordering (checked in _joint).
+        "model.block": _TEXT, "model.downsample": choice(("auto", "zero_pad", "projection")),
+        "model.widths": (_ints, "null or a list of integers >= 1"),
+        "model.units_per_stage": (_ints, "null or a list of integers >= 1"),
+        "model.zero_init_residual": _BOOL, "model.checkpointing": _BOOL,
+        "model.bn_batch": (lambda v: v is None or _int(1)(v), "null or an integer >= 1"),
+        # Table 1 scales h(x) by 0 (no shortcut at all): a scale may be 0.
+        "shortcut.name": choice(tuple(SHORTCUTS)), "shortcut.shortcut_scale": _AT_LEAST_0,
+        "shortcut.residual_scale": _AT_LEAST_0, "shortcut.gate_bias": (_real, "a finite number"),
+        "shortcut.gate_bn": _BOOL, "shortcut.dropout_rescale": _BOOL,
+        "shortcut.dropout_p": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "dataset.name": choice(DATASETS), "dataset.root": _TEXT, "dataset.download": _BOOL,
+        "dataset.label": (lambda v: isinstance(v, str), "a string"), "dataset.augment": _BOOL,
+        "dataset.normalization": choice(("channel", "pixel")),
+        "dataset.num_train": (_int(1), "an integer >= 1"), "dataset.num_test": (_int(1), "an integer >= 1"),
+        "dataset.num_classes": (_int(2), "an integer >= 2"), "dataset.image_size": (_int(1), "an integer >= 1"),
+        "optim.lr": _POSITIVE, "optim.momentum": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
+        "optim.nesterov": _BOOL, "optim.weight_decay": _AT_LEAST_0,
+        "optim.gamma": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "optim.milestones": (lambda v: all(_int(1)(m) for m in v) and list(v) == sorted(set(v)),
+                             "increasing integers >= 1 (iterations)"),
+        "optim.milestone_epochs": (lambda v: v is None or (all(_real(m) and m > 0 for m in v)
+                                                           and list(v) == sorted(set(v))),
+                                   "null or increasing numbers > 0 (epochs)"),
+        "optim.warmup_iters": (_int(0), "an integer >= 0"), "optim.warmup_lr": _POSITIVE,
+        "optim.impl": choice(("foreach", "fused", "loop")),
+        "trainer.max_iters": (_int(1), "an integer >= 1"),
+        "trainer.epochs": (lambda v: v is None or (_real(v) and v > 0), "null or a finite number > 0"),
+        "trainer.batch_size": (_int(1), "an integer >= 1"), "trainer.eval_every": (_int(1), "an integer >= 1"),
+        "trainer.eval_batch_size": (_int(1), "an integer >= 1"),
+        "trainer.checkpoint_every": (_int(1), "an integer >= 1"), "trainer.log_every": (_int(1), "an integer >= 1"),
+        "trainer.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+                           "auto, cpu, cuda or cuda:N"),
+        "trainer.resume": (lambda v: isinstance(v, bool), "true, false or a run or sweep directory"),
+        "trainer.deterministic": _BOOL, "trainer.precision": choice(("fp32", "tf32", "bf16")),
+        "trainer.channels_last": _BOOL, "trainer.compile": choice(("none", "default", "reduce-overhead", "max-autotune")),
+        "trainer.world_size": (_int(1), "an integer >= 1"), "trainer.progress": _BOOL,
+        "trainer.signal_every": (_int(0), "an integer >= 0 (0: off)"),
+        "gpu_pool.enabled": _BOOL, "gpu_pool.jobs_per_gpu": (_int(1), "an integer >= 1"), "gpu_pool.lock_dir": _TEXT,
+        "seed": (lambda v: _int(0)(v) and v < 2**63, "an integer in [0, 2^63)"),
+        "tags": (lambda v: v is not None, "a mapping"),
+    }
+
+
+def _joint(cfg) -> list[tuple[bool, str]]:
+    """Checks of keys taken together (each key alone already passed)."""
+    from idmap.orderings import ORDERINGS
+
+    t, m = cfg.trainer, cfg.model
+    return [
+        (m.get("ordering") is not None or m.block in ORDERINGS,
+         f"model.block={m.block} is none of figure 4's orderings ({', '.join(ORDERINGS)}); a unit of "
+         f"your own is a block file that gives its ordering (README, 'Beyond the paper's tables')"),
+        (t.batch_size % t.world_size == 0,
+         f"trainer.batch_size={t.batch_size} must divide over trainer.world_size={t.world_size} processes"),
+        (not (cfg.gpu_pool.enabled and t.world_size > 1),
+         "gpu_pool gives each job one GPU; it cannot run trainer.world_size > 1 processes"),
+        (not (cfg.optim.nesterov and cfg.optim.momentum == 0), "optim.nesterov=true needs optim.momentum > 0"),
+        (not (m.widths and m.units_per_stage) or len(m.widths) == len(m.units_per_stage),
+         f"model.widths {list(m.widths or [])} and model.units_per_stage {list(m.units_per_stage or [])} "
+         f"must name the same number of stages"),
+    ]
+
+
+def check_config(cfg) -> None:
+    """IdmapError naming the key, its value and what is allowed, for the first bad setting."""
+    from omegaconf import OmegaConf
+
+    from idmap import IdmapError
+
+    for key, (ok, allowed) in _rules().items():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        try:
+            good = ok(plain)
+        except TypeError:  # e.g. a number where a list belongs
+            good = False
+        if not good:
+            raise IdmapError(f"{key}={plain!r} is not allowed; it must be {allowed}")
+    for ok, message in _joint(cfg):
+        if not ok:
+            raise IdmapError(message)
+
+
+def check_schedule(cfg, num_train: int) -> int:
+    """The run's length in iterations once the training set's size is known; IdmapError when the
+    schedule gives none. Milestones past the end are allowed (short trial runs) but logged."""
+    import logging
+
+    from idmap import IdmapError
+
+    t, o = cfg.trainer, cfg.optim
+    per_epoch = num_train / t.batch_size
+    iters = round(t.epochs * per_epoch) if t.epochs else t.max_iters
+    if iters < 1:
+        raise IdmapError(f"trainer.epochs={t.epochs} gives no iteration ({num_train} images, batches of "
+                         f"{t.batch_size}); raise trainer.epochs")
+    milestones = [round(e * per_epoch) for e in o.milestone_epochs] if o.milestone_epochs else list(o.milestones)
+    if any(m >= iters for m in milestones):
+        logging.getLogger("idmap").info("LR milestones %s lie past the run's %d iterations", milestones, iters)
+    return iters
+
+
+def one_line_message(exc: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line, without their object dumps."""
+    noise = ("full_key:", "reference_type=", "object_type=", "Set the environment variable HYDRA_FULL_ERROR")
+    text = str(exc)
+    if exc.__cause__ is not None and str(exc.__cause__) not in text:  # "Error merging override x" says why here
+        text += "\n" + str(exc.__cause__)
+    lines = [ln.strip() for ln in text.split("Config search path")[0].splitlines()
+             if ln.strip() and not ln.strip().startswith(noise)]
+    out = []
+    for k, line in enumerate(lines):
+        if line.startswith("Available options"):  # then one option per line
+            out.append(f"{line.rstrip(':')}: {', '.join(lines[k + 1:])}")
+            break
+        out.append(line.rstrip("."))
+    return "; ".join(out) or type(exc).__name__
+
+
+def compose_checked(*overrides: str):
+    """compose_config, then check_config: IdmapError with one line for any bad setting."""
+    from idmap import IdmapError
+
+    try:
+        cfg = compose_config(*overrides)
+    except Exception as exc:  # a setting Hydra cannot compose: unknown key or option, wrong type
+        raise IdmapError(one_line_message(exc)) from exc
+    check_config(cfg)
+    return cfg

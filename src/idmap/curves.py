@@ -194,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not curves:
         print(f"error: no {rundir.METRICS} with evaluations under the given directories"
               + (f" in a row of {args.table}" if args.table else ""), file=sys.stderr)
-        return 1
+        return 2
     if rows:
         plot_rows(curves, labels, args.out, args.ymax)
         print(f"{len(curves)} rows, {sum(map(len, curves))} runs -> {args.out}")

@@ -49,6 +49,9 @@ class ImageData:
 
 def _image_data(name: str, label: str, classes: list[str], train_x, train_y, test_x, test_y) -> ImageData:
     """Every source ends here, so the trainer's contract (dtypes, layout) holds in one place."""
+    if len(classes) < 2 or not len(train_y) or not len(test_y):
+        raise IdmapError(f"data set {label or name} has {len(classes)} classes, {len(train_y)} training and "
+                         f"{len(test_y)} test images; it needs at least 2 classes and images in both sets")
     t = lambda a, dtype: torch.as_tensor(a, dtype=dtype).contiguous()
     return ImageData(t(train_x, torch.uint8), t(train_y, torch.int64), t(test_x, torch.uint8), t(test_y, torch.int64),
                      len(classes), name, label, list(classes))
@@ -63,8 +66,7 @@ def load_dataset(cfg) -> ImageData:
     elif cfg.name == "synthetic":
         data = _synthetic(cfg)
     else:
-        names = ", ".join([*CIFAR, "imagefolder", "synthetic"])
-        raise IdmapError(f"unknown dataset.name={cfg.name!r}; choose one of {names}")
+        raise IdmapError(f"unknown dataset.name={cfg.name!r}; choose one of {', '.join(DATASETS)}")
     return dataclasses.replace(data, label=cfg.label) if cfg.label else data
 
 
@@ -104,6 +106,7 @@ CIFAR = {
         "CIFAR-100", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
         "cifar-100-python", ("train",), ("test",), "meta", "fine_label_names", "fine_labels"),
 }
+DATASETS = (*CIFAR, "imagefolder", "synthetic")  # the names dataset.name takes
 
 
 def _numpy_globals() -> dict[tuple[str, str], object]:

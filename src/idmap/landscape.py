@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint, model_from_state
+from idmap.checkpoint import fits, load_checkpoint, model_from_state
 from idmap.evaluation import evaluate
 from idmap.rundir import atomic_write
 from idmap.runtime import resolve_device
@@ -98,8 +98,9 @@ def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int 
     """The surface around the model of a run directory or checkpoint file, with what made it."""
     dev = resolve_device(device)
     state = load_checkpoint(path)
-    cfg = state["config"]
-    model = model_from_state(state).to(dev).eval()
+    with fits(path):
+        cfg = state["config"]
+    model = model_from_state(state, path).to(dev).eval()
     x, y = (t.to(dev) for t in training_images(cfg, samples))
     gen = torch.Generator().manual_seed(seed)
     params = list(model.parameters())
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
         paths = write_landscape(result, out, args.vmax)
     except IdmapError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     c = args.grid // 2
     centre = f"f(0, 0) = {result['loss'][c, c]:.4f}, " if args.grid % 2 else ""
     meta = result["meta"]

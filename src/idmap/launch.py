@@ -1,29 +1,30 @@
-"""The edge where runs start: the Hydra task, process groups (spawned, torchrun, SLURM tasks), GPU
-pinning, exit codes and failure records. Below this module everything takes a plain config."""
+"""The edge where runs start: the Hydra task (exit codes) and process groups (spawned, torchrun,
+SLURM tasks), GPU pinning. Below this module everything takes a plain config; resuming by
+directory is resume.py's, sweep bookkeeping sweep.py's."""
 
 from __future__ import annotations
 
 import contextlib
 import inspect
 import logging
-import math
 import os
 import signal
 import sys
-import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from idmap import IdmapError
-from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, MULTIRUN, SUMMARY, hydra_config_path, hydra_overrides_path,
-                          read_summary, update_summary)
+from idmap import IdmapError, one_line
+from idmap.config import check_config
+from idmap.resume import already_done
+from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, RunInUse, checkpoint_path, has_lock_file,
+                          lock_run_dir, read_summary, results_held, unlock_run_dir)
 from idmap.runtime import Interrupted, resolve_device
-from idmap.state import RESUMABLE, RunExists, settings_changed
-from idmap.trainer import train, validate
+from idmap.state import RunExists
+from idmap.sweep import record_failure, sweep_progress
+from idmap.trainer import train
 
 log = logging.getLogger("idmap")
 
@@ -110,7 +111,7 @@ def _spawn(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
     from idmap.data import load_dataset
 
     world_size = cfg.trainer.world_size
-    validate(cfg)  # a bad value is one line here, not a traceback from every child process
+    check_config(cfg)  # a bad value is one line here, not a traceback from every child process
     if resolve_device(cfg.trainer.device).type == "cuda" and world_size > torch.cuda.device_count():
         raise IdmapError(_shared_gpu(world_size, torch.cuda.device_count()))
     with socket.socket() as s:
@@ -133,7 +134,7 @@ def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, i
         raise IdmapError(f"trainer.world_size={cfg.trainer.world_size} but the launcher started "
                          f"{world_size} processes; leave trainer.world_size at 1 under torchrun")
     cfg.trainer.world_size = world_size  # so the batch is checked to divide, and recorded
-    validate(cfg)  # before a GPU is taken or the group waits for its other ranks
+    check_config(cfg)  # before a GPU is taken or the group waits for its other ranks
     _start_group(cfg.trainer.device, rank, local_rank, world_size, "env://")
     try:
         if local_rank == 0:  # one process per node fetches (or decodes and caches) the data
@@ -170,144 +171,72 @@ def _remove_stray(run_dir: Path) -> None:
 
 def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None) -> dict:
     """Train one run: in this process, in the process group a launcher started, or in
-    `trainer.world_size` processes spawned here. Returns the summary."""
+    `trainer.world_size` processes spawned here. Returns the summary. The run directory is this
+    run's alone while it runs: rank 0 (or the process that spawns the ranks) holds its lock."""
     run_dir, choices = Path(run_dir), hydra_choices() if choices is None else choices
     group = external_group()
-    if group:
-        return _in_group(cfg, run_dir, choices, group)
-    if cfg.trainer.world_size > 1:
-        return _spawn(cfg, run_dir, choices)
-    return train(cfg, run_dir, choices=choices)
-
-
-# --------------------------------------------------------------------------------------------------
-# Resuming by directory: `python train.py trainer.resume=DIR [settings]`
-# --------------------------------------------------------------------------------------------------
-def resume_argv(argv: list[str]) -> list[str]:
-    """The command line that continues the run or sweep in `trainer.resume=DIR`: the run's own
-    overrides (from its .hydra/ or the sweep's multirun.yaml), then the user's other arguments,
-    which may change how it runs (e.g. raise trainer.max_iters) but not what it computes; those are
-    refused here, before Hydra writes anything. Other command lines pass through unchanged."""
-    given = [a for a in argv if a.startswith("trainer.resume=")]
-    value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
-    if value.lower() == "true":  # the long form: the same checks, before Hydra writes into the run
-        run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
-        if run_dirs and hydra_config_path(Path(run_dirs[-1])).is_file() and not {"-m", "--multirun"} & set(argv):
-            task = [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "hydra/"))]
-            _refuse_shortening(Path(run_dirs[-1]), _refuse_other_settings(Path(run_dirs[-1]), task))
-        return argv
-    if not value or value.lower() == "false":
-        return argv
-    path = Path(value)
-    rest = [a for a in argv if not a.startswith("trainer.resume=")]
-    if hydra_overrides_path(path).is_file():
-        return _resume_run(path, rest)
-    if (path / MULTIRUN).is_file():
-        return _resume_sweep(path, rest)
-    raise IdmapError(f"trainer.resume={value}: not a run directory (no {hydra_overrides_path(path)}) "
-                     f"nor a sweep directory (no {path / MULTIRUN})")
-
-
-def _strings(overrides) -> list[str]:
-    """Recorded overrides as written: values such as ${hydra.job.num} stay unresolved."""
-    return OmegaConf.to_container(overrides, resolve=False)
-
-
-def _key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")
-
-
-def _last_per_key(overrides: list[str]) -> list[str]:
-    """One override per key, the last given: a run resumed many times keeps a short record."""
-    last = {_key(o): o for o in overrides}
-    return [o for o in overrides if last[_key(o)] is o]
-
-
-def _quoted(path: Path) -> str:
-    """A path as a quoted Hydra override value: commas, brackets or '=' in it stay part of it."""
-    return "'" + str(path).replace("'", "\\'") + "'"
-
-
-def _resume_run(path: Path, rest: list[str]) -> list[str]:
-    if any(a in ("-m", "--multirun") for a in rest):
-        raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
-    own = [o for o in _strings(OmegaConf.load(hydra_overrides_path(path)))
-           if not o.startswith("trainer.resume=")]
-    args = _last_per_key([*own, *rest, "trainer.resume=true"])
-    task = [a for a in args if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
-    new = _refuse_other_settings(path, task)
-    if new["trainer"].get("epochs") and any(_key(a) == "trainer.max_iters" for a in rest):
-        raise IdmapError(f"{path} counts its length in epochs (trainer.epochs={new['trainer']['epochs']}); "
-                         f"extend it with trainer.epochs=N")
-    _refuse_shortening(path, new)
-    # hydra.mode=RUN: a job of an experiment sweep (+experiment=... sets MULTIRUN) resumes as one run.
-    return [*args, "hydra.mode=RUN", f"hydra.run.dir={_quoted(path)}"]
-
-
-def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
-    plan = OmegaConf.load(path / MULTIRUN).hydra
-    rest = [a for a in rest if a not in ("-m", "--multirun")]
-    changed = [a for a in rest if not _runs_differently(a)]
-    if changed:
-        raise IdmapError(f"{', '.join(changed)} would change what the runs of {path} compute; only how "
-                         f"they run may change on resuming (e.g. trainer.max_iters)")
-    overrides = _strings(plan.overrides)
-    own = [o for o in overrides["task"] if not o.startswith("trainer.resume=")]
-    # The sweep's own launcher settings (partition, account, n_jobs, ...) and job folder names.
-    launcher = [o for o in overrides["hydra"] if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]
-    subdir = OmegaConf.to_container(plan.sweep, resolve=False)["subdir"]
-    return ["-m", *_last_per_key([*own, *launcher, *rest, "trainer.resume=true"]),
-            f"hydra.sweep.dir={_quoted(path)}", f"hydra.sweep.subdir={subdir}"]
-
-
-def _runs_differently(override: str) -> bool:
-    """Whether an override only changes how runs run (state.RESUMABLE; Hydra's own settings)."""
-    key = _key(override)
-    if key.startswith(("hydra.", "hydra/")) or key == "launcher":  # e.g. resume on SLURM instead
-        return True
-    section, _, name = key.partition(".")
-    free = RESUMABLE.get(section, set())
-    return free is None or name in free
-
-
-def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> dict:
-    """The config these overrides compose, compared with the run's own before Hydra writes a thing
-    into the run directory, so a refused resume leaves the run as it was."""
-    from idmap.config import compose_config
-
-    saved = OmegaConf.to_container(OmegaConf.load(hydra_config_path(run_dir)), resolve=False)
-    new = OmegaConf.to_container(compose_config(*overrides), resolve=False)
-    changed = settings_changed(saved, new)
-    if changed:
-        raise IdmapError(f"{run_dir} was run with other settings ({'; '.join(changed)}); only how it "
-                         f"runs may change on resuming (e.g. trainer.max_iters)")
-    return new
-
-
-def _refuse_shortening(run_dir: Path, new: dict) -> None:
-    t = new["trainer"]
+    owner = not group or group[0] == 0
+    locked = claim(run_dir, bool(cfg.trainer.resume)) if owner else False
     try:
-        done = read_summary(run_dir).get("iterations") or 0
-    except ValueError:
-        return  # no summary yet: the trainer checks against the checkpoint
-    if t.get("epochs"):
+        if group:
+            return _in_group(cfg, run_dir, choices, group)
+        if cfg.trainer.world_size > 1:
+            return _spawn(cfg, run_dir, choices)
+        return train(cfg, run_dir, choices=choices)
+    finally:
+        if locked:
+            unlock_run_dir(run_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# One run per run directory
+# --------------------------------------------------------------------------------------------------
+def claim(run_dir: Path, resume: bool) -> bool:
+    """Takes `run_dir` for this process (True when newly taken), or refuses, leaving it as it was: a
+    folder in use by another run, or holding a run that this start cannot continue (a checkpoint
+    without trainer.resume; results without a checkpoint to continue them from)."""
+    if not has_lock_file(run_dir):  # checked before the lock file is made: a refusal creates nothing
+        _refuse_overwrite(run_dir, resume)
+    taken = lock_run_dir(run_dir)
+    try:
+        _refuse_overwrite(run_dir, resume)  # again: a run may have ended here since
+    except RunExists:
+        if taken:
+            unlock_run_dir(run_dir)
+        raise
+    return taken
+
+
+def _refuse_overwrite(run_dir: Path, resume: bool) -> None:
+    if checkpoint_path(run_dir).is_file():
+        if not resume:
+            raise RunExists(f"{run_dir} already holds a checkpoint; continue it with trainer.resume={run_dir} "
+                            f"(or trainer.resume=true and the same hydra.run.dir), or choose another "
+                            f"run directory")
         return
-    if t["max_iters"] < done:
-        raise IdmapError(f"{run_dir} is at iteration {done} already; trainer.max_iters "
-                         f"({t['max_iters']}) can be raised to extend a run, not lowered")
+    held = results_held(run_dir) if Path(run_dir).is_dir() else None
+    if held:
+        raise RunExists(f"{run_dir} holds a run's results ({held}) but no checkpoint to continue it from; "
+                        f"it is left as it was: restore its checkpoint to continue it, or choose another "
+                        f"run directory")
 
 
-def _already_done(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """The summary of a run that a resumed sweep finds finished (completed at this length or
-    beyond, or diverged), so that it is not loaded, nor a diverged run given a second chance."""
-    try:
-        summary = read_summary(run_dir)
-    except ValueError:
-        return None
-    # A run already past this length (extended on its own) is done too: resuming never shortens.
-    completed = (summary["status"] == "completed" and not cfg.trainer.epochs
-                 and (summary.get("iterations") or 0) >= cfg.trainer.max_iters)
-    return summary if completed or summary["status"] == "diverged" else None
+def before_hydra(argv: list[str]) -> None:
+    """A single run's settings checked, and a named hydra.run.dir claimed, before Hydra composes
+    and writes its .hydra/ there: bad input is one line, and a refused start leaves even the run's
+    record of its settings as it was. The lock stays held for the life of this process (the Hydra
+    task finds it held). Sweeps check and claim each job's folder in the job; time-stamped folders
+    (the default, or names with interpolations) are new."""
+    from idmap.config import compose_checked
+
+    if any(a.startswith("-") for a in argv) or int(os.environ.get("RANK", 0)):
+        return  # -m, --help, --cfg ...: Hydra's; rank > 0 of a group: rank 0 checks and claims
+    if any(a.lstrip("+").startswith("experiment=") for a in argv) and "hydra.mode=RUN" not in argv:
+        return  # an experiment is a sweep (hydra.mode=MULTIRUN) unless told otherwise
+    cfg = compose_checked(*[a for a in argv if not a.lstrip("+").startswith(("hydra.", "hydra/"))])
+    named = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+    if named and "$" not in named[-1]:
+        claim(Path(named[-1]), bool(cfg.trainer.resume))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,11 +258,13 @@ def main(cfg: DictConfig) -> dict | None:
         cfg.trainer.progress = False
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        summary = _already_done(cfg, run_dir) if cfg.trainer.resume else None
+        # A sweep's job, or a run started from Python: before anything is written, a GPU is pinned
+        # or processes are spawned.
+        check_config(cfg)
+        summary = already_done(cfg, run_dir) if cfg.trainer.resume else None
         if summary is not None:
             log.info("%s already %s: not run again", run_dir, summary["status"])
             return summary
-        validate(cfg)  # before a GPU is pinned or processes are spawned
         with pin_job_to_gpu(cfg.gpu_pool) as device:
             if device is not None:
                 cfg.trainer.device = device
@@ -342,7 +273,11 @@ def main(cfg: DictConfig) -> dict | None:
             return summary
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
         if multirun:
-            sweep_progress(hc, summary)
+            sweep_progress(hc, summary)  # a diverged job is counted at the sweep's end (sweep.py)
+        elif summary["status"] != "completed":  # ran, but no result: 1, as for any failed run
+            print(f"error: {run_dir} {summary['status']}: {summary.get('error')}; it has no result",
+                  file=sys.stderr)
+            sys.exit(1)
         return summary
     except Interrupted as exc:
         if int(os.environ.get("RANK", 0)):  # rank 0 reports it and hands the signal to submitit
@@ -355,84 +290,19 @@ def main(cfg: DictConfig) -> dict | None:
             signal.raise_signal(exc.signum)
         sys.exit(128 + exc.signum)
     except Exception as exc:
-        if not isinstance(exc, RunExists):  # a refused start leaves the run it found as it was
-            record_failure(run_dir, cfg, exc)
-        if full_error or (not multirun and not isinstance(exc, IdmapError)):
+        refused = isinstance(exc, (RunExists, RunInUse))
+        if not refused:  # a refused start leaves the run it found as it was
+            record_failure(run_dir, cfg, exc, hydra_choices())
+        if full_error:
             raise
         if multirun:
-            refused = isinstance(exc, RunExists)
             log.error("job %s: %s (%s)", "refused" if refused else "failed", exc,
                       "the run is left as it was" if refused else f"details in {run_dir / SUMMARY}")
             sweep_progress(hc, {"status": "refused" if refused else "failed", "final_test_error": None})
             return None
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def record_failure(run_dir: Path, cfg: DictConfig, exc: Exception) -> None:
-    """Marks the run failed in its summary.json, unless it completed: a later mistake (a resume with
-    a bad setting) must not turn a finished result into a failure."""
-    with contextlib.suppress(ValueError):
-        if read_summary(run_dir)["status"] == "completed":
-            return
-    with contextlib.suppress(Exception):
-        update_summary(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}",
-                       choices=hydra_choices(), config=OmegaConf.to_container(cfg, resolve=False),
-                       seed=cfg.seed, traceback=traceback.format_exc())
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Sweep progress: one line per finished job
-# --------------------------------------------------------------------------------------------------
-def swept_values(task_overrides: list[str], sweeper_params: dict | None) -> dict[str, int]:
-    """Each swept key of a basic sweep and how many values it takes (command line and the
-    experiment's hydra.sweeper.params, the command line winning)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    swept = {k: str(v) for k, v in (sweeper_params or {}).items()}
-    for o in task_overrides:
-        key, _, value = o.partition("=")
-        swept[key.lstrip("+~")] = value
-    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in swept.items()])
-    return {o.get_key_element().lstrip("+~"): len(list(o.sweep_string_iterator()))
-            for o in parsed if o.is_sweep_override()}
-
-
-def sweep_progress(hc, summary: dict) -> None:
-    """`job k/N <swept values>: <status> <final error>, <wall time>; ETA <time>` after each job. k
-    counts the sweep's finished run directories, so it holds with parallel launchers too; the ETA
-    divides the remaining jobs' mean time by how many have run side by side so far."""
-    try:
-        sweep = Path(hc.sweep.dir)
-        plan = OmegaConf.load(sweep / MULTIRUN).hydra
-        params = plan.sweeper.get("params")
-        task = _strings(plan.overrides)["task"]
-        swept = swept_values(task, OmegaConf.to_container(params, resolve=False) if params else {})
-        total = math.prod(swept.values())
-        label = " ".join(o for o in _strings(hc.overrides.task) if _key(o) in swept)
-        started = (sweep / MULTIRUN).stat().st_mtime  # this (re)start of the sweep
-        finished, recent = 0, []  # recent: wall times of jobs finished since the (re)start
-        for d in sweep.iterdir():
-            with contextlib.suppress(ValueError, OSError):
-                s = read_summary(d)
-                if s["status"] != "running":
-                    finished += 1
-                    if (d / SUMMARY).stat().st_mtime >= started:
-                        recent.append(s.get("wall_time_s") or 0.0)
-        since = time.time() - started
-        side_by_side = max(1.0, sum(recent) / since) if since > 0 else 1.0
-        left = max(0, total - finished)
-        eta = left * (sum(recent) / len(recent)) / side_by_side if recent else 0.0
-        error = summary.get("final_test_error")
-        log.info("job %d/%d %s: %s%s, %s; ETA %s", finished, total, label, summary["status"],
-                 "" if error is None else f" {error:.2f}%", _clock(summary.get("wall_time_s") or 0.0),
-                 _clock(eta) if left else "done")
-    except Exception as exc:  # progress is a courtesy: never let it fail a job
-        log.debug("no sweep progress line: %s", exc)
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+        if isinstance(exc, IdmapError):
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        print(f"internal error: {one_line(exc)} (details in {run_dir / SUMMARY}; HYDRA_FULL_ERROR=1 "
+              f"shows the traceback)", file=sys.stderr)
+        sys.exit(1)

@@ -436,7 +436,7 @@ def _report(args) -> int:
     if not runs and not tables:
         print(f"error: no runs under {' '.join(map(str, args.dirs))} (--table T prints the rows "
               "of paper table T)", file=sys.stderr)
-        return 1
+        return 2
     base, paper_base = args.baseline, _paper_baseline(args.baseline)
     table = sweeps.sweep(rest, args.by, base if base and ("=" in base or not tables) else None)
     if paper_base and tables and not any(baseline_rows(t, paper_base) for t in tables) and not (

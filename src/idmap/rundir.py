@@ -5,6 +5,7 @@
     <run>/metrics.jsonl         one object per evaluation (METRICS)
     <run>/checkpoint.pt         run state (CHECKPOINT; format in checkpoint.py)
     <run>/events.out.tfevents.* TensorBoard
+    <run>/.lock                 held (flock) by the one process that runs it (LOCK)
 
 Every file is written atomically (temporary file, fsync, rename), so a kill at any instant leaves
 the previous version intact. Readers (report, plots, landscape, signals, evaluation) come here.
@@ -13,7 +14,9 @@ the previous version intact. Readers (report, plots, landscape, signals, evaluat
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import logging
 import math
 import os
 import subprocess
@@ -29,6 +32,7 @@ HYDRA_CONFIG, HYDRA_OVERRIDES = Path(HYDRA_DIR) / "config.yaml", Path(HYDRA_DIR)
 HYDRA_LOG = "train.log"  # Hydra's log of the job (named after train.py)
 MULTIRUN = "multirun.yaml"  # a sweep directory's record of the sweep (Hydra writes it)
 _MARKERS = (SUMMARY, METRICS, HYDRA_DIR)  # any of these makes a folder a run directory
+LOCK = ".lock"
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -144,6 +148,79 @@ class RunLog:
 
 
 # --------------------------------------------------------------------------------------------------
+# Owning: one process per run directory
+# --------------------------------------------------------------------------------------------------
+class RunInUse(IdmapError):
+    """Another process holds the run directory's lock: it is running there now."""
+
+
+_HELD: dict[str, int] = {}  # real path of a run directory -> the open file holding its lock
+
+
+def lock_run_dir(run_dir: Path) -> bool:
+    """Takes the run directory's lock for this process, until unlock_run_dir or the process ends
+    (the kernel releases a flock however a process dies, so a killed run never leaves it held).
+    False when this process holds it already; RunInUse when another one does."""
+    run_dir = Path(run_dir)
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        return False
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as exc:  # a path through a file, no permission, a name too long, a full disk
+        raise IdmapError(f"cannot write the run directory {run_dir} ({exc.strerror}); choose another "
+                         f"hydra.run.dir") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            # A file system without flock (Lustre mounted without -o flock, some NFS setups): run
+            # unguarded rather than not at all, and say so.
+            logging.getLogger("idmap").warning("cannot lock %s (%s): nothing stops a second run into "
+                                               "it", run_dir, os.strerror(exc.errno or 0))
+            _HELD[key] = fd
+            return True
+        os.close(fd)
+        raise RunInUse(f"{run_dir} is in use by another run; wait for it to end (then continue it "
+                       f"with trainer.resume={run_dir}) or choose another run directory") from None
+    _HELD[key] = fd
+    return True
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _HELD.pop(os.path.realpath(run_dir), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def has_lock_file(run_dir: Path) -> bool:
+    return (Path(run_dir) / LOCK).exists()
+
+
+def results_held(run_dir: Path) -> str | None:
+    """What results `run_dir` holds besides a checkpoint ("summary.json (completed)", "metrics.jsonl
+    (3 evaluations)"), or None. A failure record of a run that never evaluated holds none; a
+    summary.json that cannot be read may still be someone's, so it counts."""
+    run_dir = Path(run_dir)
+    if (run_dir / SUMMARY).exists():
+        try:
+            status = read_summary(run_dir)["status"]
+        except ValueError as exc:
+            return str(exc)
+        if status != "failed":
+            return f"{SUMMARY} ({status})"
+    if (run_dir / METRICS).exists():
+        try:
+            rows = read_metrics(run_dir)
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"{METRICS}, unreadable ({exc})"
+        if rows:
+            return f"{METRICS} ({len(rows)} evaluations)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
 def is_run_dir(path: Path) -> bool:
@@ -177,7 +254,8 @@ def read_summary(run_dir: Path) -> dict:
 def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
     """The evaluations of one run; a torn last line (a run still writing) is skipped."""
     rows = []
-    for line in (Path(run_dir) / METRICS).read_text().splitlines():
+    # Bytes that are not text (a foreign or damaged file) fail as unreadable lines, not the reader.
+    for line in (Path(run_dir) / METRICS).read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -204,26 +282,62 @@ def hydra_overrides_path(run_dir: Path) -> Path:
     return Path(run_dir) / HYDRA_OVERRIDES
 
 
+def _read_yaml(path: Path, kind: str, shape: Callable[[Any], bool]):
+    """A YAML record Hydra wrote, or IdmapError naming the file: missing, empty, truncated, foreign."""
+    from omegaconf import OmegaConf
+
+    what_to_do = "restore it from a copy, or start afresh in another directory"
+    try:
+        node = OmegaConf.load(path)
+        plain = OmegaConf.to_container(node, resolve=False)
+    except FileNotFoundError:
+        raise IdmapError(f"{path} is missing; {what_to_do}") from None
+    except Exception as exc:  # yaml's and OmegaConf's errors: an unparsable or unreadable file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise IdmapError(f"{path} is unreadable ({first}); {what_to_do}") from None
+    if not shape(plain):
+        raise IdmapError(f"{path} is not {kind} as Hydra writes it (empty or foreign); {what_to_do}")
+    return plain
+
+
 def read_overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides Hydra recorded for the run, as written ([] when absent)."""
+    """The run's command-line overrides as recorded (values such as ${hydra.job.num} unresolved)."""
+    return _read_yaml(hydra_overrides_path(run_dir), "a list of overrides",
+                      lambda v: isinstance(v, list) and all(isinstance(o, str) for o in v))
+
+
+def read_hydra_config(run_dir: Path) -> dict:
+    """The run's composed config as recorded, unresolved."""
+    return _read_yaml(hydra_config_path(run_dir), "a run config",
+                      lambda v: isinstance(v, dict) and isinstance(v.get("trainer"), dict))
+
+
+def read_sweep_plan(sweep_dir: Path) -> dict:
+    """A sweep directory's multirun.yaml `hydra` node, unresolved: its overrides and job folders."""
+    def shape(v) -> bool:
+        h = v.get("hydra") if isinstance(v, dict) else None
+        return (isinstance(h, dict) and isinstance(h.get("overrides"), dict)
+                and all(isinstance(h["overrides"].get(k), list) for k in ("task", "hydra"))
+                and isinstance(h.get("sweep"), dict) and "subdir" in h["sweep"])
+
+    return _read_yaml(Path(sweep_dir) / MULTIRUN, "a sweep's record", shape)["hydra"]
+
+
+def recorded_overrides(run_dir: Path) -> list[str]:
+    """read_overrides for the readers of results: [] when the record is missing or torn, so such a
+    run still reports (without its settings)."""
+    try:
+        return read_overrides(run_dir)
+    except IdmapError:
+        return []
+
+
+def recorded_config(run_dir: Path):
+    """The run's recorded config as an OmegaConf node for the readers of results, None when the
+    record is missing or torn."""
     from omegaconf import OmegaConf
 
-    path = hydra_overrides_path(run_dir)
-    if not path.is_file():
-        return []
     try:
-        overrides = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except Exception:  # a torn or hand-edited file: the run still reports, without its overrides
-        return []
-    return [str(o) for o in overrides] if isinstance(overrides, list) else []
-
-
-def read_config(run_dir: Path):
-    """The composed config Hydra recorded for the run (an OmegaConf node), None when absent."""
-    from omegaconf import OmegaConf
-
-    path = hydra_config_path(run_dir)
-    try:
-        return OmegaConf.load(path) if path.is_file() else None
-    except Exception:
+        return OmegaConf.create(read_hydra_config(run_dir))
+    except IdmapError:
         return None

@@ -98,8 +98,8 @@ def load_run(path: Path) -> Run:
         max_iters=s.get("max_iters"),
         seed=s.get("seed"),
         notes=notes,
-        overrides=rundir.read_overrides(path),
-        config=rundir.read_config(path),
+        overrides=rundir.recorded_overrides(path),
+        config=rundir.recorded_config(path),
     )
 
 

@@ -178,7 +178,10 @@ def main(argv=None) -> int:
         return args.batch or (16 if depth > 500 else 64)
 
     def untrained(depth: int, block: str):
-        model = build_resnet(depth, block=block, zero_init_residual=args.zero_init)
+        try:
+            model = build_resnet(depth, block=block, zero_init_residual=args.zero_init)
+        except ValueError as exc:  # an impossible depth: bad input
+            raise IdmapError(f"--depths {depth}: {exc}") from exc
         return (model, *random_batch(batch_for(depth), model.fc.out_features, args.seed))
 
     def trained(run: Path):
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
             del model
     except IdmapError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     stats = "batch" if args.mode == "train" else "running"
     inputs = ", random N(0,1) inputs" if args.blocks else ""
     title = args.title or (f"BN on {stats} statistics ({args.mode} mode){inputs}; "

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint, save_checkpoint
+from idmap.checkpoint import fits, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("idmap")
 
@@ -156,19 +156,22 @@ class TrainState:
             )
         # Read onto the CPU: loading copies weights, optimizer state and sums to the run's device.
         state = load_checkpoint(path)
-        changed = settings_changed(state["config"], self.config)
+        with fits(path):  # a checkpoint that lacks a key is one line naming the file
+            changed = settings_changed(state["config"], self.config)
+            restorable = BatchStream.restorable(state["stream"])
         if changed:
             raise RunExists(
                 f"{path} was trained with other settings ({'; '.join(changed)}); resume with the "
                 f"run's own settings (summary.json's 'config') or choose another run directory"
             )
-        if not BatchStream.restorable(state["stream"]):
+        if not restorable:
             raise RunExists(
                 f"{path} holds a data order drawn on a GPU by an older idmap, which this one (drawing "
                 f"it on the CPU, so that runs move between devices) cannot continue; start the run "
                 f"afresh in another run directory"
             )
-        self.load_state_dict(state, with_sums=rank == 0)
+        with fits(path):
+            self.load_state_dict(state, with_sums=rank == 0)
         switched = switches_changed(state["config"], self.config)
         if rank == 0:
             log.info("resuming %s at iteration %d", path.parent, self.iteration)

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError, data as datamod
+from idmap.config import check_config, check_schedule
 from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
-from idmap.orderings import check_config
+from idmap.orderings import check_config as check_ordering
 from idmap.rundir import CHECKPOINT, RunLog, git_commit
 from idmap.runtime import Interrupted, StopFlag, autocast, configure, memory_format, resolve_device
 from idmap.state import BatchStream, RunExists, TrainState
@@ -38,31 +39,6 @@ def learning_rate(it: int, optim: Any, milestones: list[int]) -> float:
     if it < optim.warmup_iters:
         return optim.warmup_lr
     return optim.lr * optim.gamma ** sum(it >= m for m in milestones)
-
-
-def validate(cfg: DictConfig) -> None:
-    t, o = cfg.trainer, cfg.optim
-    checks = [
-        (o.lr > 0, f"optim.lr must be positive, got {o.lr}"),
-        (t.batch_size > 0, f"trainer.batch_size must be positive, got {t.batch_size}"),
-        (t.max_iters > 0 or (t.epochs or 0) > 0, "trainer.max_iters (or trainer.epochs) must be positive"),
-        (t.eval_every > 0, f"trainer.eval_every must be positive, got {t.eval_every}"),
-        (t.eval_batch_size > 0, f"trainer.eval_batch_size must be positive, got {t.eval_batch_size}"),
-        (o.warmup_iters >= 0, f"optim.warmup_iters must be >= 0, got {o.warmup_iters}"),
-        (t.checkpoint_every > 0, f"trainer.checkpoint_every must be positive, got {t.checkpoint_every}"),
-        (t.log_every > 0, f"trainer.log_every must be positive, got {t.log_every}"),
-        (t.world_size >= 1, f"trainer.world_size must be >= 1, got {t.world_size}"),
-        (t.batch_size % t.world_size == 0, f"trainer.batch_size {t.batch_size} must divide over {t.world_size} processes"),
-        (t.precision in ("fp32", "tf32", "bf16"), f"trainer.precision must be fp32, tf32 or bf16, got {t.precision}"),
-        (t.compile in ("none", "default", "reduce-overhead", "max-autotune"),
-         f"trainer.compile must be none, default, reduce-overhead or max-autotune, got {t.compile}"),
-        (o.impl in ("foreach", "fused", "loop"), f"optim.impl must be foreach, fused or loop, got {o.impl}"),
-        (not (cfg.gpu_pool.enabled and t.world_size > 1),
-         "gpu_pool gives each job one GPU; it cannot run trainer.world_size > 1 processes"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise IdmapError(message)
 
 
 class DeviceData:
@@ -135,13 +111,14 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     """Train one run in `run_dir`; returns its summary. Raises Interrupted after checkpointing when
     signalled, IdmapError for bad input. `choices`: the config group choices the run records."""
     run_dir = Path(run_dir)
-    validate(cfg)
-    check_config(cfg.model, (choices or {}).get("block"))  # a block file's ordering, before any work
+    check_config(cfg)
+    check_ordering(cfg.model, (choices or {}).get("block"))  # a block file's ordering, before any work
     device = resolve_device(cfg.trainer.device)
     configure(cfg.trainer, cfg.seed)
     if device.type == "cuda":  # the summary's peak memory is this run's, not the process's
         torch.cuda.reset_peak_memory_stats(device)
     data = DeviceData(cfg, device, cfg.trainer.batch_size)
+    check_schedule(cfg, len(data.train_y))
     state, model = build(cfg, data, device, world_size)
     state.resume_from(run_dir / CHECKPOINT, cfg.trainer.resume, rank)
     loop = Loop(cfg, run_dir, state, model, data, rank, world_size)

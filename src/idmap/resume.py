@@ -1,0 +1,140 @@
+"""Resuming by directory: `python train.py trainer.resume=DIR [settings]` becomes the command line
+that continues the run or sweep in DIR, with the settings it recorded; what would change what it
+computes is refused here, before Hydra writes anything into it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from idmap import IdmapError
+from idmap.rundir import (MULTIRUN, hydra_config_path, hydra_overrides_path, read_hydra_config, read_overrides,
+                          read_summary, read_sweep_plan)
+from idmap.state import RESUMABLE, settings_changed
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """The command line that continues the run or sweep in `trainer.resume=DIR`: the run's own
+    overrides (from its .hydra/ or the sweep's multirun.yaml), then the user's other arguments,
+    which may change how it runs (e.g. raise trainer.max_iters) but not what it computes; those are
+    refused here, before Hydra writes anything. Other command lines pass through unchanged."""
+    given = [a for a in argv if a.startswith("trainer.resume=")]
+    value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
+    if value.lower() == "true":  # the long form: the same checks, before Hydra writes into the run
+        run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
+        if run_dirs and hydra_config_path(Path(run_dirs[-1])).is_file() and not {"-m", "--multirun"} & set(argv):
+            task = [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "hydra/"))]
+            _refuse_shortening(Path(run_dirs[-1]), _refuse_other_settings(Path(run_dirs[-1]), task))
+        return argv
+    if not value or value.lower() == "false":
+        return argv
+    path = Path(value)
+    rest = [a for a in argv if not a.startswith("trainer.resume=")]
+    if hydra_overrides_path(path).is_file() or hydra_config_path(path).is_file():
+        return _resume_run(path, rest)  # a record that is missing or unreadable is named there
+    if (path / MULTIRUN).is_file():
+        return _resume_sweep(path, rest)
+    raise IdmapError(f"trainer.resume={value}: not a run directory (no {hydra_overrides_path(path)}) "
+                     f"nor a sweep directory (no {path / MULTIRUN})")
+
+
+def recorded(overrides) -> list[str]:
+    """Recorded overrides as written: values such as ${hydra.job.num} stay unresolved."""
+    return OmegaConf.to_container(overrides, resolve=False)
+
+
+def override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _last_per_key(overrides: list[str]) -> list[str]:
+    """One override per key, the last given: a run resumed many times keeps a short record."""
+    last = {override_key(o): o for o in overrides}
+    return [o for o in overrides if last[override_key(o)] is o]
+
+
+def _quoted(path: Path) -> str:
+    """A path as a quoted Hydra override value: commas, brackets or '=' in it stay part of it."""
+    return "'" + str(path).replace("'", "\\'") + "'"
+
+
+def _resume_run(path: Path, rest: list[str]) -> list[str]:
+    if any(a in ("-m", "--multirun") for a in rest):
+        raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
+    own = [o for o in read_overrides(path) if not o.startswith("trainer.resume=")]
+    args = _last_per_key([*own, *rest, "trainer.resume=true"])
+    task = [a for a in args if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
+    new = _refuse_other_settings(path, task)
+    if new["trainer"].get("epochs") and any(override_key(a) == "trainer.max_iters" for a in rest):
+        raise IdmapError(f"{path} counts its length in epochs (trainer.epochs={new['trainer']['epochs']}); "
+                         f"extend it with trainer.epochs=N")
+    _refuse_shortening(path, new)
+    # hydra.mode=RUN: a job of an experiment sweep (+experiment=... sets MULTIRUN) resumes as one run.
+    return [*args, "hydra.mode=RUN", f"hydra.run.dir={_quoted(path)}"]
+
+
+def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
+    plan = read_sweep_plan(path)
+    rest = [a for a in rest if a not in ("-m", "--multirun")]
+    changed = [a for a in rest if not _runs_differently(a)]
+    if changed:
+        raise IdmapError(f"{', '.join(changed)} would change what the runs of {path} compute; only how "
+                         f"they run may change on resuming (e.g. trainer.max_iters)")
+    overrides = plan["overrides"]
+    own = [o for o in overrides["task"] if not o.startswith("trainer.resume=")]
+    # The sweep's own launcher settings (partition, account, n_jobs, ...) and job folder names.
+    launcher = [o for o in overrides["hydra"] if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]
+    subdir = plan["sweep"]["subdir"]
+    return ["-m", *_last_per_key([*own, *launcher, *rest, "trainer.resume=true"]),
+            f"hydra.sweep.dir={_quoted(path)}", f"hydra.sweep.subdir={subdir}"]
+
+
+def _runs_differently(override: str) -> bool:
+    """Whether an override only changes how runs run (state.RESUMABLE; Hydra's own settings)."""
+    key = override_key(override)
+    if key.startswith(("hydra.", "hydra/")) or key == "launcher":  # e.g. resume on SLURM instead
+        return True
+    section, _, name = key.partition(".")
+    free = RESUMABLE.get(section, set())
+    return free is None or name in free
+
+
+def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> dict:
+    """The config these overrides compose, compared with the run's own before Hydra writes a thing
+    into the run directory, so a refused resume leaves the run as it was."""
+    from idmap.config import compose_checked
+
+    saved = read_hydra_config(run_dir)
+    new = OmegaConf.to_container(compose_checked(*overrides), resolve=False)
+    changed = settings_changed(saved, new)
+    if changed:
+        raise IdmapError(f"{run_dir} was run with other settings ({'; '.join(changed)}); only how it "
+                         f"runs may change on resuming (e.g. trainer.max_iters)")
+    return new
+
+
+def _refuse_shortening(run_dir: Path, new: dict) -> None:
+    t = new["trainer"]
+    try:
+        done = read_summary(run_dir).get("iterations") or 0
+    except ValueError:
+        return  # no summary yet: the trainer checks against the checkpoint
+    if t.get("epochs"):
+        return
+    if t["max_iters"] < done:
+        raise IdmapError(f"{run_dir} is at iteration {done} already; trainer.max_iters "
+                         f"({t['max_iters']}) can be raised to extend a run, not lowered")
+
+
+def already_done(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """The summary of a run that a resumed sweep finds finished (completed at this length or
+    beyond, or diverged), so that it is not loaded, nor a diverged run given a second chance."""
+    try:
+        summary = read_summary(run_dir)
+    except ValueError:
+        return None
+    # A run already past this length (extended on its own) is done too: resuming never shortens.
+    completed = (summary["status"] == "completed" and not cfg.trainer.epochs
+                 and (summary.get("iterations") or 0) >= cfg.trainer.max_iters)
+    return summary if completed or summary["status"] == "diverged" else None
