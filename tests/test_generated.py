@@ -51,6 +51,8 @@ def bad_values(key: str, hint) -> list[str]:
         return ["''", "no_such_choice" if key not in ("dataset.root", "gpu_pool.lock_dir") else "''", "[a]"]
     if key == "trainer.resume":
         return ["'/no/such/run'", "maybe", "[1]"]
+    if key == "model.ordering":  # a block file's ordering: a mapping of op lists
+        return ["7", "abc", "[1]"]
     if key == "tags":
         return ["7", "abc"]
     raise AssertionError(f"no bad values for {key}: {hint}")

@@ -189,7 +189,11 @@ def _rules() -> dict:
     return {
         "model.depth": (_int(1), "an integer >= 1"), "model.unit": choice(("auto", *UNITS)),
         # A paper ordering's name, or the name of a block file's own ordering (checked in _joint).
-        "model.block": _TEXT, "model.downsample": choice(("auto", "zero_pad", "projection")),
+        "model.block": _TEXT,
+        # Its pieces are checked with the block file's name in the message (orderings.check_config).
+        "model.ordering": (lambda v: v is None or isinstance(v, dict),
+                           "null or a mapping of layer, last and after_add"),
+        "model.downsample": choice(("auto", "zero_pad", "projection")),
         "model.widths": (_ints, "null or a list of integers >= 1"),
         "model.units_per_stage": (_ints, "null or a list of integers >= 1"),
         "model.zero_init_residual": _BOOL, "model.checkpointing": _BOOL,

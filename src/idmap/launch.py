@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError, one_line
 from idmap.config import check_config
-from idmap.resume import already_done
+from idmap.resume import already_done, composable
 from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, RunInUse, checkpoint_path, has_lock_file,
                           lock_run_dir, read_summary, results_held, unlock_run_dir)
 from idmap.runtime import Interrupted, resolve_device
@@ -233,7 +233,7 @@ def before_hydra(argv: list[str]) -> None:
         return  # -m, --help, --cfg ...: Hydra's; rank > 0 of a group: rank 0 checks and claims
     if any(a.lstrip("+").startswith("experiment=") for a in argv) and "hydra.mode=RUN" not in argv:
         return  # an experiment is a sweep (hydra.mode=MULTIRUN) unless told otherwise
-    cfg = compose_checked(*[a for a in argv if not a.lstrip("+").startswith(("hydra.", "hydra/"))])
+    cfg = compose_checked(*composable(argv))
     named = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
     if named and "$" not in named[-1]:
         claim(Path(named[-1]), bool(cfg.trainer.resume))

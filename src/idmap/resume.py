@@ -24,7 +24,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     if value.lower() == "true":  # the long form: the same checks, before Hydra writes into the run
         run_dirs = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
         if run_dirs and hydra_config_path(Path(run_dirs[-1])).is_file() and not {"-m", "--multirun"} & set(argv):
-            task = [a for a in argv if not a.startswith(("-", "hydra.", "+hydra.", "hydra/"))]
+            task = composable([a for a in argv if not a.startswith("-")])
             _refuse_shortening(Path(run_dirs[-1]), _refuse_other_settings(Path(run_dirs[-1]), task))
         return argv
     if not value or value.lower() == "false":
@@ -64,7 +64,7 @@ def _resume_run(path: Path, rest: list[str]) -> list[str]:
         raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
     own = [o for o in read_overrides(path) if not o.startswith("trainer.resume=")]
     args = _last_per_key([*own, *rest, "trainer.resume=true"])
-    task = [a for a in args if not a.startswith(("hydra.", "+hydra.", "hydra/"))]
+    task = composable(args)
     new = _refuse_other_settings(path, task)
     if new["trainer"].get("epochs") and any(override_key(a) == "trainer.max_iters" for a in rest):
         raise IdmapError(f"{path} counts its length in epochs (trainer.epochs={new['trainer']['epochs']}); "
