@@ -39,6 +39,13 @@ def resume_argv(argv: list[str]) -> list[str]:
                      f"nor a sweep directory (no {path / MULTIRUN})")
 
 
+def composable(args: list[str]) -> list[str]:
+    """The overrides that compose a run's config: Hydra's own settings stay Hydra's, but for the
+    search path, where a user's block file lives."""
+    return [a for a in args if not a.lstrip("+").startswith(("hydra.", "hydra/"))
+            or a.lstrip("+").startswith("hydra.searchpath=")]
+
+
 def recorded(overrides) -> list[str]:
     """Recorded overrides as written: values such as ${hydra.job.num} stay unresolved."""
     return OmegaConf.to_container(overrides, resolve=False)
