@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.experimental.callback import Callback
 
 from conftest import ROOT, TINY, run_train
+from idmap.checkpoint import load_checkpoint
 from idmap.paper import TABLES
-from test_faults import EXACT, _assert_same_run, straight  # noqa: F401  (the uninterrupted run)
 from test_launchers import _ended_at_exit, _start_sweep, _summary
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -71,11 +72,30 @@ def test_a_table_runs_as_one_slurm_array_and_the_report_reads_it(slurm, tmp_path
 
 # ---- 2. preemption: SIGUSR2, checkpoint, requeue, resume, the same numbers -------------------------
 
-def test_a_preempted_job_requeues_and_resumes_to_the_numbers_of_an_uninterrupted_run(slurm, tmp_path, straight):
-    sweep = tmp_path / "sweep"
+# Deterministic, a checkpoint every 10 iterations, long enough for the signal to land mid-run.
+EXACT = [*TINY, "trainer.max_iters=60", "trainer.eval_every=20", "trainer.checkpoint_every=10",
+         "trainer.log_every=5", "trainer.deterministic=true"]
+
+
+def _assert_same_run(resumed: Path, straight: Path) -> None:
+    a, b = load_checkpoint(resumed), load_checkpoint(straight)
+    assert a["iteration"] == b["iteration"] == 60
+    assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+    ma, mb = ([json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (resumed, straight))
+    assert [m["iteration"] for m in ma] == [20, 40, 60]  # each evaluation once
+    keys = ("train_loss", "train_error", "test_error", "test_loss")
+    assert [[m[k] for k in keys] for m in ma] == [[m[k] for k in keys] for m in mb]
+
+
+def test_a_preempted_job_requeues_and_resumes_to_the_numbers_of_an_uninterrupted_run(slurm, tmp_path):
+    sweep, straight = tmp_path / "sweep", tmp_path / "straight"
     run_dir = sweep / "0_full_preact_110"
-    proc = _start_sweep(*EXACT, *SMALL, f"hydra.sweep.dir={sweep}", env=_env(slurm))
-    with _ended_at_exit(proc):
+    # The uninterrupted run, on this machine beside the SLURM job (one core each).
+    reference = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *EXACT, f"hydra.run.dir={straight}"],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _start_sweep(*EXACT, *SMALL, f"hydra.sweep.dir={sweep}", env=_env(slurm, OMP_NUM_THREADS="1"))
+    with _ended_at_exit(proc), _ended_at_exit(reference):
         deadline = time.monotonic() + 180
         while not (run_dir / "checkpoint.pt").exists():  # the first one, at iteration 10
             assert proc.poll() is None, proc.communicate()[0]
@@ -87,10 +107,11 @@ def test_a_preempted_job_requeues_and_resumes_to_the_numbers_of_an_uninterrupted
         slurm.run("scancel", "--signal=USR2", job)
         output = proc.communicate(timeout=300)[0]
         assert proc.returncode == 0, output
+        assert reference.wait(timeout=300) == 0, reference.communicate()[0]
     log = _log(run_dir)
     assert log.count("received SIGUSR2") == 1, log
     resumed = [int(i) for i in re.findall(r"resuming .* at iteration (\d+)", log)]
-    assert len(resumed) == 1 and 10 <= resumed[0] < 120, log  # continued, not started afresh
+    assert len(resumed) == 1 and 10 <= resumed[0] < 60, log  # continued, not started afresh
     assert "Requeued job" in (sweep / ".submitit" / job / f"{job}_0_log.out").read_text()
     _assert_same_run(run_dir, straight)
 
@@ -140,7 +161,8 @@ def test_a_job_at_its_time_limit_requeues_and_completes_and_after_max_num_timeou
     assert fails.returncode == 1, failed_out[-3000:]
     (job,) = _job_ids(failed_sweep)
     said = (failed_sweep / ".submitit" / job / f"{job}_0_log.out").read_text()
-    assert said.count("Requeued job") == 1 and "timed-out too many times" in said, said  # requeued once
+    steps = re.findall(r"^submitit \w+ \(.*?\) - (Requeued job|Job not requeued because: .*)$", said, re.M)
+    assert steps == ["Requeued job", "Job not requeued because: timed-out too many times."], said
     (line,) = [ln for ln in failed_out.splitlines() if ln.startswith("failed: ")]
     assert line.startswith(f"failed: {failed_dir}: ") and "hydra.launcher.max_num_timeout=1" in line, line
     assert "Traceback" not in failed_out
