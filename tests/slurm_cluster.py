@@ -26,9 +26,13 @@ PARTITION = "debug"
 MAX_TIME_MIN = 5  # the partition's MaxTime: a longer timeout_min is refused at submission
 
 
+def _bin(name: str) -> str | None:
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
 def missing() -> str | None:
     """Why no cluster can be started here, or None."""
-    absent = [d for d in DAEMONS if not shutil.which(d, path=os.environ.get("PATH", "") + ":/usr/sbin")]
+    absent = [d for d in DAEMONS if not _bin(d)]
     if absent:
         return f"SLURM is not installed ({', '.join(absent)} not found): {INSTALL} (as root)"
     if os.geteuid() != 0:
@@ -45,7 +49,7 @@ def _free_port() -> int:
 def _node_line() -> str:
     """The node as slurmd itself sees it (`slurmd -C`: CPUs, sockets, cores, memory), so that the
     node never drains for claiming more than it has."""
-    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([_bin("slurmd"), "-C"], capture_output=True, text=True, check=True).stdout
     return next(line for line in out.splitlines() if line.startswith("NodeName="))
 
 
@@ -72,18 +76,18 @@ class SlurmCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         munge = self.root / "munge"
         os.chmod(munge, 0o700)
-        subprocess.run(["mungekey", "--create", f"--keyfile={munge / 'munge.key'}"], check=True,
+        subprocess.run([_bin("mungekey"), "--create", f"--keyfile={munge / 'munge.key'}"], check=True,
                        capture_output=True)
         socket_path = munge / "munge.socket"
-        self._daemon("munged", ["munged", "--foreground", "--force", f"--socket={socket_path}",
+        self._daemon("munged", [_bin("munged"), "--foreground", "--force", f"--socket={socket_path}",
                                 f"--key-file={munge / 'munge.key'}", f"--pid-file={munge / 'munged.pid'}",
                                 f"--log-file={self.root / 'log' / 'munged.log'}",
                                 f"--seed-file={munge / 'munged.seed'}"])
         self._wait(lambda: socket_path.exists(), "munged", 20)
         self.conf.write_text(self._slurm_conf(socket_path))
-        self._daemon("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._daemon("slurmctld", [_bin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait(lambda: self.run("scontrol", "ping", check=False).stdout.count("UP") > 0, "slurmctld", 30)
-        self._daemon("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
+        self._daemon("slurmd", [_bin("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
         self._wait(self._idle, "slurmd", 60)
 
     def _slurm_conf(self, munge_socket: Path) -> str:

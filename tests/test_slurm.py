@@ -19,9 +19,13 @@ from hydra.experimental.callback import Callback
 from conftest import ROOT, TINY, run_train
 from idmap.checkpoint import load_checkpoint
 from idmap.paper import TABLES
+from idmap.slurm import REFUSALS, failure_reason, refusal
 from test_launchers import _ended_at_exit, _start_sweep, _summary
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+def on_the_cluster(test):
+    return pytest.mark.slurm(pytest.mark.slow(test))
+
 TESTS = Path(__file__).resolve().parent
 # What this 2-CPU node can give a job; the partition's MaxTime is 5 minutes.
 SMALL = ["+launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
@@ -49,6 +53,7 @@ def _log(run_dir: Path) -> str:
 
 # ---- 1. a table as one array, read by the report --------------------------------------------------
 
+@on_the_cluster
 def test_a_table_runs_as_one_slurm_array_and_the_report_reads_it(slurm, tmp_path):
     # Table 2 at seed 1 and ResNet-110 only: its five rows (one per unit of figure 4), the ResNet-164
     # half and the other seeds left out to keep it short; widths 2/4/8, 2 iterations, synthetic data.
@@ -87,6 +92,7 @@ def _assert_same_run(resumed: Path, straight: Path) -> None:
     assert [[m[k] for k in keys] for m in ma] == [[m[k] for k in keys] for m in mb]
 
 
+@on_the_cluster
 def test_a_preempted_job_requeues_and_resumes_to_the_numbers_of_an_uninterrupted_run(slurm, tmp_path):
     sweep, straight = tmp_path / "sweep", tmp_path / "straight"
     run_dir = sweep / "0_full_preact_110"
@@ -134,6 +140,7 @@ class SlowSteps(Callback):
         Loop.step = slow_step
 
 
+@on_the_cluster
 def test_a_job_at_its_time_limit_requeues_and_completes_and_after_max_num_timeout_fails(slurm, tmp_path):
     # timeout_min=1 with signal_delay_s=10: SLURM sends SIGUSR2 20-50 s into the job (it checks its
     # timers every 30 s and may signal that much early), and kills it at 60 s.
@@ -172,6 +179,7 @@ def test_a_job_at_its_time_limit_requeues_and_completes_and_after_max_num_timeou
 
 # ---- 4. two SLURM tasks, one run -----------------------------------------------------------------
 
+@on_the_cluster
 def test_two_slurm_tasks_train_one_run_to_the_numbers_of_torchrun(slurm, tmp_path):
     settings = [*TINY, "trainer.max_iters=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
                 "trainer.deterministic=true"]
@@ -201,6 +209,7 @@ def test_two_slurm_tasks_train_one_run_to_the_numbers_of_torchrun(slurm, tmp_pat
 
 # ---- 5. what SLURM refuses: one line naming the setting ------------------------------------------
 
+@on_the_cluster
 @pytest.mark.parametrize("settings, setting", [
     (["+launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
       "hydra.launcher.timeout_min=5"], "hydra.launcher.gpus_per_node"),  # a GPU, on a CPU partition
@@ -214,3 +223,26 @@ def test_what_slurm_refuses_ends_in_one_line_naming_the_launcher_setting(slurm, 
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: SLURM refused the sweep: ") and f"change {setting}" in last, last
     assert not slurm.run("squeue", "--me", "--noheader").stdout.strip()  # nothing was queued
+
+
+# ---- without a cluster: the lines themselves ------------------------------------------------------
+
+@pytest.mark.parametrize("phrase, setting", [(p, s) for p, s, _ in REFUSALS])
+def test_each_known_sbatch_refusal_names_its_launcher_setting(phrase, setting):
+    line = refusal(f"sbatch: error: something first\nsbatch: error: Batch job submission failed: {phrase}\n")
+    assert line.startswith(f"SLURM refused the sweep: {phrase}; change {setting}: ")  # sbatch's last word
+    assert "\n" not in line
+
+
+def test_an_unknown_refusal_keeps_sbatchs_words_and_points_at_the_launcher_settings():
+    line = refusal("sbatch: error: Batch job submission failed: Something new\n")
+    assert line.startswith("SLURM refused the sweep: Something new;") and "hydra.launcher" in line
+
+
+def test_a_failed_job_is_one_line_the_last_of_its_traceback():
+    trace = "Job (task=0) failed during processing with trace:\n----\nTraceback (most recent call last):\n" \
+            '  File "x.py", line 1\nValueError: bad thing\n----\nYou can check full logs'
+    assert failure_reason(Exception(trace), {}) == "ValueError: bad thing"
+    timed_out = failure_reason(Exception("UncompletedJobError: Job not requeued because: timed-out too many "
+                                         "times."), {"timeout_min": 1, "max_num_timeout": 1})
+    assert "hydra.launcher.timeout_min=1" in timed_out and "hydra.launcher.max_num_timeout=1" in timed_out

@@ -50,7 +50,7 @@ class SweepFailed(CompactHydraException):
 
 def refusal(sbatch_error: str) -> str:
     """One line for what sbatch refused, naming the setting to change."""
-    said = next((ln.strip() for ln in sbatch_error.splitlines() if "error:" in ln), sbatch_error.strip())
+    said = next((ln.strip() for ln in reversed(sbatch_error.splitlines()) if "error:" in ln), sbatch_error.strip())
     said = said.removeprefix("sbatch: error: ").removeprefix("Batch job submission failed: ")
     for phrase, setting, hint in REFUSALS:
         if phrase.lower() in sbatch_error.lower():
