@@ -43,8 +43,10 @@ def _sweep(slurm, *args: str, timeout: float = 300, **env) -> subprocess.Complet
 
 
 def _job_ids(sweep: Path) -> list[str]:
-    """SLURM's ids of the sweep's jobs (array tasks: <array id>_<index>), from submitit's folders."""
-    return sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name))
+    """SLURM's ids of the sweep's jobs (array tasks: <array id>_<index>), from submitit's folders of
+    the jobs that ran (an array's own folder holds only its submission)."""
+    return sorted(p.parent.name for p in (sweep / ".submitit").glob("*/*_log.out")
+                  if re.fullmatch(r"\d+(_\d+)?", p.parent.name) and p.name.startswith(f"{p.parent.name}_"))
 
 
 def _log(run_dir: Path) -> str:
@@ -168,7 +170,7 @@ def test_a_job_at_its_time_limit_requeues_and_completes_and_after_max_num_timeou
     assert fails.returncode == 1, failed_out[-3000:]
     (job,) = _job_ids(failed_sweep)
     said = (failed_sweep / ".submitit" / job / f"{job}_0_log.out").read_text()
-    steps = re.findall(r"^submitit \w+ \(.*?\) - (Requeued job|Job not requeued because: .*)$", said, re.M)
+    steps = re.findall(r"^submitit \w+ \(.*?\) - (Requeued job|Job not requeued because: .*)", said, re.M)
     assert steps == ["Requeued job", "Job not requeued because: timed-out too many times."], said
     (line,) = [ln for ln in failed_out.splitlines() if ln.startswith("failed: ")]
     assert line.startswith(f"failed: {failed_dir}: ") and "hydra.launcher.max_num_timeout=1" in line, line

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from hydra.core.utils import JobReturn, filter_overrides
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.errors import CompactHydraException
 from omegaconf import OmegaConf, open_dict
 
@@ -82,7 +82,10 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
             if job.job_id in ended:
                 raise RuntimeError(f"SLURM ended job {job.job_id} ({ended[job.job_id]}) before it wrote a "
                                    f"result; its log: {job.paths.stderr}")
-            returns.append(job.results()[0])
+            ret = job.results()[0]
+            if ret.status == JobStatus.FAILED:  # the job's own exception, which Hydra's run_job caught
+                raise ret._return_value
+            returns.append(ret)
         except Exception as exc:  # one job's failure must not keep the others from being collected
             folder = job_folder(launcher, overrides, idx)
             reason = failure_reason(exc, launcher.params)
@@ -123,7 +126,9 @@ def wait(jobs, poll_s: float = 2.0) -> dict[str, str]:
     while left:
         states = _queue_states()
         for job_id, job in list(left.items()):
-            if job.done():  # its result file, or sacct where there is one
+            # its result file; or sacct where squeue does not answer (without accounting, submitit
+            # warns at every sacct call)
+            if job.paths.result_pickle.exists() or (states is None and job.done()):
                 del left[job_id]
             elif states is not None and states.get(job_id, "no longer listed") not in ACTIVE:
                 if job.paths.result_pickle.exists():  # it wrote its result as we looked
