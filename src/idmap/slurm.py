@@ -66,6 +66,8 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
     executor = _executor(launcher)
     sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    if "mode" in launcher.config.hydra.sweep:  # as hydra-submitit-launcher does
+        sweep_dir.chmod(int(str(launcher.config.hydra.sweep.mode), 8))
     log.info(f"Submitit 'slurm' sweep output dir : {sweep_dir}")
     job_params = []
     for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
