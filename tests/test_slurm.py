@@ -45,8 +45,8 @@ def _sweep(slurm, *args: str, timeout: float = 300, **env) -> subprocess.Complet
 def _job_ids(sweep: Path) -> list[str]:
     """SLURM's ids of the sweep's jobs (array tasks: <array id>_<index>), from submitit's folders of
     the jobs that ran (an array's own folder holds only its submission)."""
-    return sorted(p.parent.name for p in (sweep / ".submitit").glob("*/*_log.out")
-                  if re.fullmatch(r"\d+(_\d+)?", p.parent.name) and p.name.startswith(f"{p.parent.name}_"))
+    return sorted({p.parent.name for p in (sweep / ".submitit").glob("*/*_log.out")
+                   if re.fullmatch(r"\d+(_\d+)?", p.parent.name) and p.name.startswith(f"{p.parent.name}_")})
 
 
 def _log(run_dir: Path) -> str:
@@ -154,7 +154,8 @@ def test_a_job_at_its_time_limit_requeues_and_completes_and_after_max_num_timeou
     # 40 steps of over a second: more than the first time limit leaves, so it is signalled at least once.
     completes = _start_sweep(*TINY, *SMALL, *limit, "trainer.max_iters=40", "hydra.launcher.max_num_timeout=10",
                              f"hydra.sweep.dir={done_sweep}", env=_env(slurm, **env))
-    fails = _start_sweep(*TINY, *SMALL, *limit, "trainer.max_iters=100000", "hydra.launcher.max_num_timeout=1",
+    # A sweep of a 4-step run, done within its first time limit, and one that never ends.
+    fails = _start_sweep(*TINY, *SMALL, *limit, "trainer.max_iters=4,100000", "hydra.launcher.max_num_timeout=1",
                          f"hydra.sweep.dir={failed_sweep}", env=_env(slurm, **env))
     with _ended_at_exit(completes), _ended_at_exit(fails):
         done_out = completes.communicate(timeout=420)[0]
@@ -166,9 +167,10 @@ def test_a_job_at_its_time_limit_requeues_and_completes_and_after_max_num_timeou
     summary = _summary(run_dir)
     assert (summary["status"], summary["iterations"]) == ("completed", 40)
 
-    failed_dir = failed_sweep / "0_full_preact_110"
+    failed_dir = failed_sweep / "1_full_preact_110"
     assert fails.returncode == 1, failed_out[-3000:]
-    (job,) = _job_ids(failed_sweep)
+    assert _summary(failed_sweep / "0_full_preact_110")["status"] == "completed"  # collected all the same
+    job = _job_ids(failed_sweep)[1]
     said = (failed_sweep / ".submitit" / job / f"{job}_0_log.out").read_text()
     steps = re.findall(r"^submitit \w+ \(.*?\) - (Requeued job|Job not requeued because: .*)", said, re.M)
     assert steps == ["Requeued job", "Job not requeued because: timed-out too many times."], said
