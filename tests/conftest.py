@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from idmap.config import compose_config, register_configs
+from slurm_cluster import slurm  # noqa: F401  (the session's SLURM cluster fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
