@@ -234,7 +234,7 @@ def test_a_pooled_job_whose_cuda_sees_more_than_its_gpu_fails_in_one_line(tmp_pa
 def test_a_bad_value_for_spawned_processes_is_one_line_before_any_process_starts(tmp_path):
     proc = run_train(*TINY, "trainer.world_size=2", "trainer.log_every=0", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == "error: trainer.log_every must be positive, got 0", proc.stderr
+    assert proc.stderr.strip() == "error: trainer.log_every=0 is not allowed; it must be an integer >= 1", proc.stderr
 
 
 @pytest.fixture

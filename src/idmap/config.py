@@ -243,8 +243,8 @@ def _joint(cfg) -> list[tuple[bool, str]]:
     t, m = cfg.trainer, cfg.model
     return [
         (m.get("ordering") is not None or m.block in ORDERINGS,
-         f"model.block={m.block} is none of figure 4's orderings ({', '.join(ORDERINGS)}); a unit of "
-         f"your own is a block file that gives its ordering (README, 'Beyond the paper's tables')"),
+         f"model.block={m.block!r} is not allowed; it must be one of {', '.join(ORDERINGS)} (figure 4), "
+         f"or the name of a block file that gives its ordering (README, 'Beyond the paper's tables')"),
         (t.batch_size % t.world_size == 0,
          f"trainer.batch_size={t.batch_size} must divide over trainer.world_size={t.world_size} processes"),
         (not (cfg.gpu_pool.enabled and t.world_size > 1),
