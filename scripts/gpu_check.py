@@ -4,7 +4,7 @@ fused, fidelity, long runs (idmap.gpu_check; `idmap-gpu-check --help`, docs/benc
 
 import sys
 
-from idmap.gpu_check import main
+from idmap.cli import gpu_check as main  # idmap.gpu_check's main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

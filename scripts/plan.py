@@ -12,7 +12,7 @@ from pathlib import Path
 # Runs from a plain clone too (without `pip install -e .`), as train.py does.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from idmap.plan import main  # noqa: E402
+from idmap.cli import plan as main  # noqa: E402  idmap.plan's main with the shared exit codes
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -229,6 +229,8 @@ def main(argv=None) -> int:
         print(f"error: --data {args.data}: no such folder (unpack cifar10-jpeg.tar.gz and pass its "
               f"cifar10-jpeg/ folder)", file=sys.stderr)
         return 2
+    # An output place that cannot be made is one line now, not after the first step's minutes.
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.rehearse:
         # Tiny nets on a shared CPU: one thread each. Two threads spinning on 16x16 images cost five
         # times the CPU time here, and the rehearsal runs a dozen processes.
