@@ -16,7 +16,7 @@ import pytest
 import torch
 from hydra.experimental.callback import Callback
 
-from conftest import ROOT, TINY, run_train
+from conftest import ROOT, TINY
 from idmap.checkpoint import load_checkpoint
 from idmap.paper import TABLES
 from idmap.slurm import REFUSALS, failure_reason, refusal

@@ -133,7 +133,7 @@ def test_a_baseline_the_sweep_does_not_have_is_one_line_exit_2(tmp_path, capsys)
 
 
 def test_paper_rows_fill_the_paper_table_and_the_csv_holds_both(tmp_path, capsys):
-    d = lr_sweep(tmp_path)
+    lr_sweep(tmp_path)
     paper = {"experiment": "resnet20_ablation", "resnet20_ablation": "original",
              "block": "original", "shortcut": "identity", "depth": "20", "dataset": "cifar10",
              "protocol": "paper"}
