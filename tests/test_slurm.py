@@ -102,7 +102,9 @@ def test_a_preempted_job_requeues_and_resumes_to_the_numbers_of_an_uninterrupted
     reference = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *EXACT, f"hydra.run.dir={straight}"],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-    proc = _start_sweep(*EXACT, *SMALL, f"hydra.sweep.dir={sweep}", env=_env(slurm, OMP_NUM_THREADS="1"))
+    # A tenth of a second per step in the job: the signal lands mid-run, however fast this machine is.
+    proc = _start_sweep(*EXACT, *SMALL, "+hydra.callbacks.slow._target_=test_slurm.SlowSteps",
+                        f"hydra.sweep.dir={sweep}", env=_env(slurm, OMP_NUM_THREADS="1", IDMAP_TEST_STEP_S="0.1"))
     with _ended_at_exit(proc), _ended_at_exit(reference):
         deadline = time.monotonic() + 180
         while not (run_dir / "checkpoint.pt").exists():  # the first one, at iteration 10
@@ -151,8 +153,9 @@ def test_a_job_at_its_time_limit_requeues_and_completes_and_after_max_num_timeou
              "trainer.log_every=1", "trainer.eval_every=20"]
     env = {"IDMAP_TEST_STEP_S": "1.0"}
     done_sweep, failed_sweep = tmp_path / "completes", tmp_path / "fails"
-    # 40 steps of over a second: more than the first time limit leaves, so it is signalled at least once.
-    completes = _start_sweep(*TINY, *SMALL, *limit, "trainer.max_iters=40", "hydra.launcher.max_num_timeout=10",
+    # 60 steps of over a second outlast the 50 s by which the signal has come: it is signalled at
+    # least once. (40 steps, done in 41 s, were not signalled in one CI run: the timer came late.)
+    completes = _start_sweep(*TINY, *SMALL, *limit, "trainer.max_iters=60", "hydra.launcher.max_num_timeout=10",
                              f"hydra.sweep.dir={done_sweep}", env=_env(slurm, **env))
     # A sweep of a 4-step run, done within its first time limit, and one that never ends.
     fails = _start_sweep(*TINY, *SMALL, *limit, "trainer.max_iters=4,100000", "hydra.launcher.max_num_timeout=1",
@@ -165,7 +168,7 @@ def test_a_job_at_its_time_limit_requeues_and_completes_and_after_max_num_timeou
     log = _log(run_dir)
     assert log.count("received SIGUSR2") >= 1 and re.search(r"resuming .* at iteration", log), log
     summary = _summary(run_dir)
-    assert (summary["status"], summary["iterations"]) == ("completed", 40)
+    assert (summary["status"], summary["iterations"]) == ("completed", 60)
 
     failed_dir = failed_sweep / "1_full_preact_110"
     assert fails.returncode == 1, failed_out[-3000:]
