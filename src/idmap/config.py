@@ -182,7 +182,7 @@ _AT_LEAST_0 = (lambda v: _real(v) and v >= 0, "a finite number >= 0")
 
 def _rules() -> dict:
     """key -> (test, what is allowed). Choices come from where each choice is implemented."""
-    from idmap.data import DATASETS
+    from idmap.data import DATASETS, NORMALIZATIONS
     from idmap.models import SHORTCUTS, UNITS
 
     choice = lambda names: (_one_of(*names), "one of " + ", ".join(names))  # noqa: E731
@@ -205,7 +205,7 @@ def _rules() -> dict:
         "shortcut.dropout_p": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
         "dataset.name": choice(DATASETS), "dataset.root": _TEXT, "dataset.download": _BOOL,
         "dataset.label": (lambda v: isinstance(v, str), "a string"), "dataset.augment": _BOOL,
-        "dataset.normalization": choice(("channel", "pixel")),
+        "dataset.normalization": choice(NORMALIZATIONS),
         "dataset.num_train": (_int(1), "an integer >= 1"), "dataset.num_test": (_int(1), "an integer >= 1"),
         "dataset.num_classes": (_int(2), "an integer >= 2"), "dataset.image_size": (_int(1), "an integer >= 1"),
         "optim.lr": _POSITIVE, "optim.momentum": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
@@ -276,20 +276,28 @@ def check_config(cfg) -> None:
             raise IdmapError(message)
 
 
+def schedule(cfg, num_train: int) -> tuple[float, int, list[int]]:
+    """(iterations per epoch, the run's length, the LR milestones) in iterations, from the epochs
+    or iterations the config gives, once the training set's size is known."""
+    t, o = cfg.trainer, cfg.optim
+    per_epoch = num_train / t.batch_size
+    iters = round(t.epochs * per_epoch) if t.epochs else t.max_iters
+    milestones = [round(e * per_epoch) for e in o.milestone_epochs] if o.milestone_epochs else list(o.milestones)
+    return per_epoch, iters, milestones
+
+
 def check_schedule(cfg, num_train: int) -> int:
-    """The run's length in iterations once the training set's size is known; IdmapError when the
-    schedule gives none. Milestones past the end are allowed (short trial runs) but logged."""
+    """The run's length in iterations; IdmapError when the schedule gives none. Milestones past
+    the end are allowed (short trial runs) but logged."""
     import logging
 
     from idmap import IdmapError
 
-    t, o = cfg.trainer, cfg.optim
-    per_epoch = num_train / t.batch_size
-    iters = round(t.epochs * per_epoch) if t.epochs else t.max_iters
+    _, iters, milestones = schedule(cfg, num_train)
     if iters < 1:
+        t = cfg.trainer
         raise IdmapError(f"trainer.epochs={t.epochs} gives no iteration ({num_train} images, batches of "
                          f"{t.batch_size}); raise trainer.epochs")
-    milestones = [round(e * per_epoch) for e in o.milestone_epochs] if o.milestone_epochs else list(o.milestones)
     if any(m >= iters for m in milestones):
         logging.getLogger("idmap").info("LR milestones %s lie past the run's %d iterations", milestones, iters)
     return iters

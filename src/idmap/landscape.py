@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from idmap import IdmapError
-from idmap.checkpoint import fits, load_checkpoint, model_from_state
+from idmap.checkpoint import load_checkpoint, model_from_state
 from idmap.evaluation import evaluate
 from idmap.rundir import atomic_write
 from idmap.runtime import resolve_device
@@ -98,9 +98,8 @@ def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int 
     """The surface around the model of a run directory or checkpoint file, with what made it."""
     dev = resolve_device(device)
     state = load_checkpoint(path)
-    with fits(path):
-        cfg = state["config"]
-    model = model_from_state(state, path).to(dev).eval()
+    model = model_from_state(state, path).to(dev).eval()  # one line naming the file if it does not fit
+    cfg = state["config"]
     x, y = (t.to(dev) for t in training_images(cfg, samples))
     gen = torch.Generator().manual_seed(seed)
     params = list(model.parameters())

@@ -56,8 +56,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         """One update per chunk, in order, with nn.BatchNorm2d's arithmetic (unbiased variance)."""
         m, unbiased = self.momentum, count / max(count - 1, 1)
         for mean, var in zip(means, variances):
-            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-            self.running_var.mul_(1 - m).add_(var, alpha=m * unbiased)
+            # Both decays in one launch: this loop runs per chunk in every BN layer of every step.
+            torch._foreach_mul_([self.running_mean, self.running_var], 1 - m)
+            self.running_mean.add_(mean, alpha=m)
+            self.running_var.add_(var, alpha=m * unbiased)
         self.num_batches_tracked.add_(len(means))
 
 

@@ -287,6 +287,8 @@ def _iters(n: Optional[int]) -> str:
 # The comparison columns come last so that the first eleven keep their places for readers.
 # SETTING_COLUMNS and the statistics (STAT_COLUMNS) are shared with the sweep table (sweeps.py).
 SETTING_COLUMNS = ["data", "protocol", "iters"]
+STAT_NOTE = ("median: final test error over finished seeds, a diverged seed counting as fail; mean ± std "
+             "over completed seeds; seeds: finished/all runs; fail: seeds diverged or above 20% (CIFAR-10 rows)")
 STAT_COLUMNS = ["median", "mean ± std", "seeds", "fail", "median 95% interval",
                 "Δ median vs {baseline} [95%]", "p", "verdict"]
 COLUMNS = ["row", "case", *SETTING_COLUMNS, "{ref}", *STAT_COLUMNS[:4], "vs {ref}",
@@ -340,11 +342,8 @@ def markdown(table: Table, lines: Sequence[Line], seeds_needed: bool = False,
            "| " + " | ".join(header) + " |",
            "|" + "---|" * len(COLUMNS)]
     out += ["| " + " | ".join(cells(line)) + " |" for line in lines]
-    out += ["",
-            "median: final test error over finished seeds, a diverged seed counting as fail; "
-            "mean ± std over completed seeds; seeds: finished/all runs; fail: seeds diverged "
-            f"or above 20% (CIFAR-10 rows); vs {table.reference_column}: differs when the median is "
-            f"off by more than max(2 std, {MIN_GAP} pp) or fail disagrees."]
+    out += ["", f"{STAT_NOTE}; vs {table.reference_column}: differs when the median is off by more than "
+                f"max(2 std, {MIN_GAP} pp) or fail disagrees."]
     if any(line.runs and not line.paper_data for line in lines):
         out.append("* not the paper's data set: not compared with the paper's number.")
     out += ["", *stats.method_notes(f"Δ median vs {baseline}"),

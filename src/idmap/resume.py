@@ -9,8 +9,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.rundir import (MULTIRUN, hydra_config_path, hydra_overrides_path, read_hydra_config, read_overrides,
-                          read_summary, read_sweep_plan)
+from idmap.rundir import (MULTIRUN, hydra_config_path, hydra_overrides_path, override_key, read_hydra_config,
+                          read_overrides, read_summary, read_sweep_plan)
 from idmap.state import RESUMABLE, settings_changed
 
 
@@ -49,10 +49,6 @@ def composable(args: list[str]) -> list[str]:
 def recorded(overrides) -> list[str]:
     """Recorded overrides as written: values such as ${hydra.job.num} stay unresolved."""
     return OmegaConf.to_container(overrides, resolve=False)
-
-
-def override_key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")
 
 
 def _last_per_key(overrides: list[str]) -> list[str]:

@@ -86,6 +86,17 @@ def update_summary(run_dir: Path, **fields) -> None:
     write_json(path, {**(summary if isinstance(summary, dict) else {}), **fields})
 
 
+def mark_failed(run_dir: Path, **fields) -> None:
+    """Marks the run failed in its summary.json, unless it completed: a later mistake (a resume with
+    a bad setting, a job collected after it finished) must not turn a finished result into a failure."""
+    try:
+        if read_summary(run_dir)["status"] == "completed":
+            return
+    except ValueError:  # no summary yet, or an unreadable one: the failure is what it records
+        pass
+    update_summary(run_dir, status="failed", **fields)
+
+
 def git_commit() -> str | None:
     """This checkout's commit, "-dirty" when tracked files differ from it; None outside git."""
     root = Path(__file__).resolve().parents[2]
@@ -310,6 +321,11 @@ def read_hydra_config(run_dir: Path) -> dict:
     """The run's composed config as recorded, unresolved."""
     return _read_yaml(hydra_config_path(run_dir), "a run config",
                       lambda v: isinstance(v, dict) and isinstance(v.get("trainer"), dict))
+
+
+def override_key(override: str) -> str:
+    """The key an override sets: `+model.widths=[8]` sets model.widths."""
+    return override.partition("=")[0].lstrip("+~")
 
 
 def read_sweep_plan(sweep_dir: Path) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict
 
-from idmap.rundir import read_summary, update_summary
+from idmap.rundir import mark_failed
 
 log = logging.getLogger("idmap")
 
@@ -88,7 +88,9 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list[JobReturn]:
             folder = job_folder(launcher, overrides, idx)
             reason = failure_reason(exc, launcher.params)
             if folder is not None:
-                _record(folder, reason)
+                # A job SLURM ended before it made its folder gets one, so the sweep's end names it too.
+                folder.mkdir(parents=True, exist_ok=True)
+                mark_failed(folder, error=reason)
             log.error("job %d failed: %s", idx, reason)
     # The failed jobs are recorded in their folders: the sweep's end names each in one line and
     # exits 1 (sweep.SweepStatus), as for every launcher.
@@ -172,15 +174,3 @@ def job_folder(launcher, overrides: list[str], idx: int) -> Path | None:
         return sweep_dir / str(cfg.hydra.sweep.subdir)
     except Exception:  # only names the job in the line; the job number says which it was
         return None
-
-
-def _record(folder: Path, reason: str) -> None:
-    """Marks the job failed in its summary.json, unless it completed (nothing finished is undone)."""
-    try:
-        if read_summary(folder)["status"] == "completed":
-            return
-    except ValueError:
-        pass
-    # A job SLURM ended before it made its folder gets one, so that the sweep's end names it too.
-    folder.mkdir(parents=True, exist_ok=True)
-    update_summary(folder, status="failed", error=reason)

@@ -14,22 +14,18 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from idmap.resume import override_key, recorded
-from idmap.rundir import MULTIRUN, SUMMARY, read_summary, run_dirs, update_summary
+from idmap.resume import recorded
+from idmap.rundir import MULTIRUN, SUMMARY, mark_failed, override_key, read_summary, read_sweep_plan, run_dirs
 
 log = logging.getLogger("idmap")
 
 
 def record_failure(run_dir: Path, cfg: DictConfig, exc: Exception, choices: dict) -> None:
-    """Marks the run failed in its summary.json, unless it completed: a later mistake (a resume with
-    a bad setting) must not turn a finished result into a failure."""
-    with contextlib.suppress(ValueError):
-        if read_summary(run_dir)["status"] == "completed":
-            return
-    with contextlib.suppress(Exception):
-        update_summary(run_dir, status="failed", error=f"{type(exc).__name__}: {exc}",
-                       choices=choices, config=OmegaConf.to_container(cfg, resolve=False),
-                       seed=cfg.seed, traceback=traceback.format_exc())
+    """The failure in the run's summary.json (rundir.mark_failed: a completed run stays completed)."""
+    with contextlib.suppress(Exception):  # recording must not hide the failure being recorded
+        mark_failed(run_dir, error=f"{type(exc).__name__}: {exc}", choices=choices,
+                    config=OmegaConf.to_container(cfg, resolve=False), seed=cfg.seed,
+                    traceback=traceback.format_exc())
 
 
 def swept_values(task_overrides: list[str], sweeper_params: dict | None) -> dict[str, int]:
@@ -52,10 +48,8 @@ def sweep_progress(hc, summary: dict) -> None:
     divides the remaining jobs' mean time by how many have run side by side so far."""
     try:
         sweep = Path(hc.sweep.dir)
-        plan = OmegaConf.load(sweep / MULTIRUN).hydra
-        params = plan.sweeper.get("params")
-        task = recorded(plan.overrides)["task"]
-        swept = swept_values(task, OmegaConf.to_container(params, resolve=False) if params else {})
+        plan = read_sweep_plan(sweep)
+        swept = swept_values(plan["overrides"]["task"], (plan.get("sweeper") or {}).get("params") or {})
         total = math.prod(swept.values())
         label = " ".join(o for o in recorded(hc.overrides.task) if override_key(o) in swept)
         started = (sweep / MULTIRUN).stat().st_mtime  # this (re)start of the sweep

@@ -16,6 +16,7 @@ adds the seeds `--seeds-needed` estimates to the lines of undecided comparisons.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import shlex
@@ -25,7 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from idmap import IdmapError, stats
 from idmap.paper import Row, Table
-from idmap.report import SETTING_COLUMNS, STAT_COLUMNS, Line, setting_cells, stat_cells
+from idmap.report import SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, paper_pairs, setting_cells, stat_cells
+from idmap.rundir import override_key
 from idmap.runs import Run
 
 # Keys that never tell settings apart: the seed is pooled; the rest say how or where a run ran.
@@ -35,14 +37,11 @@ TABLE = "sweep"
 NOT_REPEATED = ("seed", "trainer.resume", "hydra.", "hydra/")
 
 
-def _key(override: str) -> str:
-    return override.partition("=")[0].lstrip("+~")
-
-
 def _unquoted(value: str) -> str:
     return value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value
 
 
+@functools.lru_cache(maxsize=None)  # a report asks for each run's values once per key
 def _canonical(text: str) -> str:
     """An override's value as the config would print it: [8,16,32] as [8, 16, 32], true as True."""
     import yaml
@@ -56,7 +55,7 @@ def _canonical(text: str) -> str:
 
 def recorded(run: Run) -> Dict[str, str]:
     """The run's overrides as key -> value, the last given winning (a resumed run repeats some)."""
-    return {_key(o): _canonical(o.partition("=")[2]) for o in run.overrides if "=" in o}
+    return {override_key(o): _canonical(o.partition("=")[2]) for o in run.overrides if "=" in o}
 
 
 def value(run: Run, key: str) -> Optional[str]:
@@ -97,7 +96,7 @@ def parse_setting(text: str) -> Dict[str, str]:
         key, eq, val = part.partition("=")
         if not eq or not key.strip():
             raise IdmapError(f"--baseline {text}: give a setting as KEY=VALUE, e.g. optim.lr=0.1")
-        setting[_key(key.strip())] = _canonical(val.strip())
+        setting[override_key(key.strip())] = _canonical(val.strip())
     return setting
 
 
@@ -198,9 +197,7 @@ def markdown(table: Sweep, seeds_needed: bool = False) -> str:
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join([line.row.key, *setting_cells(line), *stat_cells(line)]) + " |"
             for line in table.lines]
-    out += ["", "median: final test error over finished seeds, a diverged seed counting as fail; "
-            "mean ± std over completed seeds; seeds: finished/all runs; fail: seeds diverged or "
-            "above 20% (CIFAR-10).", "",
+    out += ["", STAT_NOTE + ".", "",
             *stats.method_notes(f"Δ median vs {table.baseline}")]
     if seeds_needed:
         out.append("")
@@ -217,8 +214,6 @@ def markdown(table: Sweep, seeds_needed: bool = False) -> str:
 def undecided_pairs(lines: Sequence[Line], table: Optional[Sweep] = None) -> List[Tuple[Line, Line]]:
     """The undecided pairs: of each paper table among `lines`, the pairs the paper orders
     (report.paper_pairs); of the sweep table, each line and its baseline."""
-    from idmap.report import paper_pairs
-
     pairs = []
     for name in dict.fromkeys(l.table.name for l in lines if l.table.name != TABLE):
         of_table = [l for l in lines if l.table.name == name]
@@ -255,13 +250,13 @@ def _sweep_dir(line: Line) -> Path:
 def _own(run: Run) -> List[str]:
     """A run's overrides to repeat: its settings and how it ran (device, launcher), not its seed
     nor a resume."""
-    return [o for o in run.overrides if not _key(o).startswith(NOT_REPEATED)]
+    return [o for o in run.overrides if not override_key(o).startswith(NOT_REPEATED)]
 
 
 def _merged(lines: Sequence[Line]) -> Optional[List[str]]:
     """The lines' overrides as one Hydra sweep (each differing key as KEY=V1,V2) when the lines
     are every combination of those values; None when they are not."""
-    per = [{_key(o): o for o in _own(l.runs[0])} for l in lines]
+    per = [{override_key(o): o for o in _own(l.runs[0])} for l in lines]
     keys = list(per[0])
     if any(list(p) != keys for p in per) or len({tuple(p.values()) for p in per}) < len(lines):
         return None
@@ -271,7 +266,7 @@ def _merged(lines: Sequence[Line]) -> Optional[List[str]]:
     return [per[0][k].partition("=")[0] + "=" + ",".join(values[k]) for k in keys]
 
 
-def next_commands(pairs: Sequence[Tuple[Line, Line]], train: str = "train.py") -> List[str]:
+def next_commands(pairs: Sequence[Tuple[Line, Line]]) -> List[str]:
     """The `python train.py -m` commands that run those seeds: one per set of lines that need the
     same seeds and form a grid (else one per line), with the lines' recorded overrides, each into a
     new sweep folder beside the first line's own (report both folders afterwards)."""
@@ -289,7 +284,7 @@ def next_commands(pairs: Sequence[Tuple[Line, Line]], train: str = "train.py") -
                           if not t.exists() and t not in taken)
             taken.add(target)
             args = [*own, "seed=" + ",".join(map(str, seeds)), f"hydra.sweep.dir={target}"]
-            commands.append(" ".join(["python", train, "-m", *map(shlex.quote, args)]))
+            commands.append(" ".join(["python", "train.py", "-m", *map(shlex.quote, args)]))
     return commands
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError, data as datamod
-from idmap.config import check_config, check_schedule
+from idmap.config import check_config, check_schedule, schedule
 from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
 from idmap.orderings import check_config as check_ordering
@@ -150,13 +150,10 @@ class Loop:
 
     def __init__(self, cfg: DictConfig, run_dir: Path, state: TrainState, model, data: DeviceData,
                  rank: int, world_size: int):
-        t, o = cfg.trainer, cfg.optim
+        t = cfg.trainer
         self.cfg, self.t, self.state, self.model, self.data = cfg, t, state, model, data
         self.rank0, self.world_size, self.device = rank == 0, world_size, state.sums.device
-        self.per_epoch = len(data.train_y) / t.batch_size
-        self.max_iters = round(t.epochs * self.per_epoch) if t.epochs else t.max_iters
-        self.milestones = ([round(e * self.per_epoch) for e in o.milestone_epochs] if o.milestone_epochs
-                           else list(o.milestones))
+        self.per_epoch, self.max_iters, self.milestones = schedule(cfg, len(data.train_y))
         if state.iteration > self.max_iters:  # refused before any file of the run is touched
             raise RunExists(f"{run_dir} is at iteration {state.iteration} already; trainer.max_iters "
                             f"({self.max_iters}) can be raised to extend a run, not lowered")
