@@ -149,6 +149,21 @@ def test_paper_rows_fill_the_paper_table_and_the_csv_holds_both(tmp_path, capsys
     assert set(tables) == {"resnet20_ablation", "sweep"} and tables.count("sweep") == 2
 
 
+def test_a_block_baseline_goes_to_the_paper_tables_when_a_sweep_is_reported_beside_them(tmp_path, capsys):
+    # Before: "block is not a key the sweep's lines differ by", exit 2, as soon as other runs came too.
+    from test_report import _two_depths
+
+    _two_depths(tmp_path / "t2")
+    lr_sweep(tmp_path)
+    code, out, err = report(capsys, tmp_path, "--baseline", "block=full_preact")
+    assert code == 0, err
+    assert "| Δ median vs full_preact/<depth> [95%] |" in out  # the paper table's baseline
+    assert md_rows(out)["optim.lr=0.05"][-1] == "baseline"  # the sweep keeps its default
+    code, out, err = report(capsys, tmp_path, "--baseline", "optim.lr=0.1")
+    assert code == 0 and md_rows(out)["optim.lr=0.1"][-1] == "baseline", err
+    assert "| Δ median vs original/<depth> [95%] |" in out
+
+
 def test_seeds_needed_for_each_undecided_comparison(tmp_path, capsys):
     d = lr_sweep(tmp_path, {"0.1": [10.0, 11.0, 12.0], "0.05": [12.0, 13.0, 14.0]})
     code, out, _ = report(capsys, d, "--seeds-needed")

@@ -412,14 +412,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
 
 
-def _paper_baseline(baseline: Optional[str]) -> Optional[str]:
-    """--baseline for the paper tables: a row key or block; block=NAME is the block NAME."""
-    if baseline and "=" in baseline:
-        key, _, value = baseline.partition("=")
-        return value if key == "block" and "," not in value else None
-    return baseline
-
-
 def _report(args) -> int:
     from idmap import sweeps  # it builds on this module
 
@@ -436,11 +428,8 @@ def _report(args) -> int:
         print(f"error: no runs under {' '.join(map(str, args.dirs))} (--table T prints the rows "
               "of paper table T)", file=sys.stderr)
         return 2
-    base, paper_base = args.baseline, _paper_baseline(args.baseline)
-    table = sweeps.sweep(rest, args.by, base if base and ("=" in base or not tables) else None)
-    if paper_base and tables and not any(baseline_rows(t, paper_base) for t in tables) and not (
-            table.lines and "=" in base):
-        raise IdmapError(f"--baseline {base} is no row of {', '.join(t.name for t in tables)}")
+    paper_base, sweep_base = sweeps.split_baseline(args.baseline, tables, rest, args.by)
+    table = sweeps.sweep(rest, args.by, sweep_base)
     all_lines = []
     for t in tables:
         baseline = paper_base if baseline_rows(t, paper_base) else None

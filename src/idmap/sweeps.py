@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from idmap import IdmapError, stats
 from idmap.paper import Row, Table
-from idmap.report import SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, paper_pairs, setting_cells, stat_cells
+from idmap.report import (SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, baseline_rows, paper_pairs,
+                          setting_cells, stat_cells)
 from idmap.rundir import override_key
 from idmap.runs import Run
 
@@ -154,6 +155,24 @@ def sweep(runs: Sequence[Run], by: Optional[Sequence[str]] = None,
         line.table = table
     _set_baselines(result, baseline)
     return result
+
+
+def split_baseline(base: Optional[str], tables: Sequence[Table], rest: Sequence[Run],
+                   by: Optional[Sequence[str]]) -> Tuple[Optional[str], Optional[str]]:
+    """--baseline for (the paper tables, the sweep table): a row key, a block or block=NAME for the
+    paper tables having that row; KEY=VALUE for the sweep table when its lines differ by KEY. One
+    that neither takes goes where it fails with the reason: the sweep's, else 'no row'."""
+    if not base:
+        return None, None
+    paper = base.partition("=")[2] if base.startswith("block=") and "," not in base else base
+    paper = paper if "=" not in paper and any(baseline_rows(t, paper) for t in tables) else None
+    keys = list(by) if by else default_keys(rest)
+    for_sweep = bool(rest) and "=" in base and set(parse_setting(base)) <= set(keys)
+    if not (paper or for_sweep):
+        if rest and ("=" in base or not tables):
+            return None, base
+        raise IdmapError(f"--baseline {base} is no row of {', '.join(t.name for t in tables)}")
+    return paper, base if for_sweep else None
 
 
 def _set_baselines(table: Sweep, baseline: Optional[str]) -> None:
