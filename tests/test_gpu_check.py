@@ -175,7 +175,9 @@ def test_the_resume_row_fails_when_a_resumed_run_does_not_continue_exactly(tmp_p
 
 def test_the_ghost_bn_row_times_the_one_pass_and_the_chunked_version_when_to_chunked_exists(tmp_path, monkeypatch,
                                                                                             one_thread):
-    """idmap.norm.to_chunked comes from another branch; a stand-in (the model unchanged) runs the row."""
+    """Each net's row times the one-pass and the chunked ghost BN through the trainer's step. The
+    stand-in idmap.norm below dates from when norm.py lived on another branch; it no longer reaches
+    the row: bench, imported with gpu_check_steps, holds the real to_chunked."""
     import types
 
     from idmap import gpu_check_steps
