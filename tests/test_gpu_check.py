@@ -175,12 +175,9 @@ def test_the_resume_row_fails_when_a_resumed_run_does_not_continue_exactly(tmp_p
 
 def test_the_ghost_bn_row_times_the_one_pass_and_the_chunked_version_when_to_chunked_exists(tmp_path, monkeypatch,
                                                                                             one_thread):
-    """idmap.norm.to_chunked comes from another branch; a stand-in (the model unchanged) runs the row."""
-    import types
-
+    """Each net's row times the one-pass and the chunked ghost BN through the trainer's step."""
     from idmap import gpu_check_steps
 
-    monkeypatch.setitem(sys.modules, "idmap.norm", types.SimpleNamespace(to_chunked=lambda model: model))
     ctx = gpu_check.Context(REHEARSAL, True, tmp_path, time.time() + 120, None, tmp_path / "long")
     gpu_check_steps.ghost_bn(ctx)
     assert [i["status"] for i in ctx.items] == ["ok", "ok"]

@@ -203,9 +203,15 @@ def project(cfg, args, device: torch.device, chunked_bn: bool = False) -> tuple[
         metrics = read_metrics(run_dir)
         if summary["status"] != "completed" or len(metrics) < 2:
             raise RuntimeError(f"run {summary['status']} after {summary['iterations']} iterations")
+    return steady_rate(metrics, args.batch_size), summary["peak_memory_mb"]  # as summary.json has it
+
+
+def steady_rate(metrics: list[dict], batch: int) -> float:
+    """images/s over a run's throughput windows after its first (start-up, compile, autotuning):
+    total images over total seconds. `metrics`: metrics.jsonl's entries, at least two."""
     iters = [b["iteration"] - a["iteration"] for a, b in zip(metrics, metrics[1:])]
-    seconds = sum(n * args.batch_size / m["images_per_sec"] for n, m in zip(iters, metrics[1:]))
-    return sum(iters) * args.batch_size / seconds, summary["peak_memory_mb"]  # as summary.json has it
+    seconds = sum(n * batch / m["images_per_sec"] for n, m in zip(iters, metrics[1:]))
+    return sum(iters) * batch / seconds
 
 
 @contextlib.contextmanager

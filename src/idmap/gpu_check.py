@@ -255,7 +255,7 @@ def main(argv=None) -> int:
             report["steps"].append({"step": step.name, "status": status, "seconds": time.time() - t0,
                                     "headline": ctx.headline, "items": ctx.items})
             print(f"[{step.name}] {status} ({time.time() - t0:.0f} s)", flush=True)
-            short = write_bundle(args.out, report, work, extra)
+            write_bundle(args.out, report, work, extra)  # a call cut short brings back what it has
         report["seconds"] = time.time() - t_start
         short = write_bundle(args.out, report, work, extra)
     print("\n" + short, end="")

@@ -5,7 +5,6 @@ runs (train.py, as a user starts them). The check's own process only starts, wai
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -16,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from idmap.gpu_check_sizes import FAST, QUIET, train_overrides
+from idmap.bench import steady_rate
+from idmap.gpu_check_sizes import FAST, NO_CUDA, QUIET, train_overrides
 from idmap.rundir import read_metrics, read_summary
 
 ROOT = Path(__file__).resolve().parents[2]
-NO_CUDA = "skipped: needs CUDA (rehearsal on a CPU)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -77,16 +76,6 @@ def last_line(path: Path) -> str:
 
 def train_cmd(overrides: list[str], run_dir: Path) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
-
-
-def steady_rate(run_dir: Path, batch: int) -> float | None:
-    """images/s over a run's throughput windows after its first (start-up, compile, autotuning)."""
-    metrics = read_metrics(run_dir)
-    if len(metrics) < 2:
-        return None
-    iters = [b["iteration"] - a["iteration"] for a, b in zip(metrics, metrics[1:])]
-    seconds = sum(n * batch / m["images_per_sec"] for n, m in zip(iters, metrics[1:]))
-    return sum(iters) * batch / seconds
 
 
 def share(ctx, parts_left: float) -> float:
@@ -155,8 +144,7 @@ def bench(ctx) -> None:
     groups = ctx.sizes.bench_groups
     for k, (label, args) in enumerate(groups):
         log = ctx.log_path(f"bench-{label.replace(' ', '')}")
-        cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *args]
-        cmd += [] if "--device" in args else ["--device", ctx.sizes.device]
+        cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *args, "--device", ctx.sizes.device]
         rc = run_logged(cmd, log, share(ctx, len(groups) - k + 0.5))
         for row in bench_rows(log):
             failed = row["images_per_sec"] is None
@@ -165,10 +153,7 @@ def bench(ctx) -> None:
                     **{key: v for key, v in row.items() if v is not None})
         if rc is None or rc:
             ctx.add(label, "failed: timed out" if rc is None else f"failed: exit {rc}: {last_line(log)}")
-    if importlib.util.find_spec("idmap.norm") is None:  # no child process for a row that cannot run
-        ctx.add("ghost BN old vs new", "skipped: needs idmap.norm.to_chunked")
-    else:
-        ctx.child("ghost_bn")
+    ctx.child("ghost_bn")
     best = {}
     ghost = [i for i in ctx.items if i["name"].startswith("ghost BN") and "speedup" in i]
     for i in ctx.items:  # the bench rows, "depth D: setting"; the ghost BN rows have their own speed-up
@@ -198,7 +183,8 @@ def concurrent(ctx, tag: str, k: int, deadline: float, env: dict | None = None) 
     procs = [start(train_cmd([*overrides, f"seed={i}"], d), ctx.log_path(f"packing-{tag}-{k}-{i}"), env)
              for i, d in enumerate(dirs)]
     codes = wait_all(procs, deadline)
-    rates = [steady_rate(d, s.batch) if d.exists() else None for d in dirs]
+    metrics = [read_metrics(d) if d.exists() else [] for d in dirs]
+    rates = [steady_rate(m, s.batch) if len(m) > 1 else None for m in metrics]
     if any(c != 0 or r is None for c, r in zip(codes, rates)):
         bad = next(i for i, (c, r) in enumerate(zip(codes, rates)) if c != 0 or r is None)
         why = "timed out" if codes[bad] is None else f"exit {codes[bad]}: {last_line(ctx.log_path(f'packing-{tag}-{k}-{bad}'))}"

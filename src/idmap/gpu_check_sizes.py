@@ -9,6 +9,7 @@ from dataclasses import dataclass
 # failure cannot cost a run that outlives the call.
 FAST = ("trainer.precision=bf16", "trainer.channels_last=true", "optim.impl=fused")
 QUIET = ("trainer.progress=false", "trainer.checkpoint_every=1000000000")
+NO_CUDA = "skipped: needs CUDA (rehearsal on a CPU)"
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Sizes:
     resume_every: int
     copy_bytes: int  # machine: the device-to-device copy
     matmul_n: int  # machine: an n x n x n matrix product
-    bench_groups: tuple[tuple[str, tuple[str, ...]], ...]  # (label, idmap-bench arguments)
+    bench_groups: tuple[tuple[str, tuple[str, ...]], ...]  # (label, scripts/bench.py arguments; --device is `device`)
     ghost_iters: int
     packing_levels: tuple[int, ...]
     packing_iters: tuple[int, int]  # warm-up (includes start-up skew), then timed iterations
@@ -35,7 +36,7 @@ class Sizes:
 
 _CL_FUSED = "bf16+channels_last+fused_sgd"
 _TINY_BENCH = ("--iters", "2", "--warmup", "1", "--num-train", "256", "--batch-size", "16", "--workers", "0",
-               "--widths", "4", "8", "16", "--device", "cpu")
+               "--widths", "4", "8", "16")
 
 GPU = Sizes(
     device="cuda",

@@ -5,7 +5,6 @@ from conf/ as train.py composes them, not a copy of the loop."""
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
@@ -17,11 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from idmap.gpu_check_sizes import FAST, train_overrides
+from idmap.bench import _chunked_ghost_bn, free, short_error
+from idmap.config import compose_config
+from idmap.gpu_check_sizes import FAST, NO_CUDA, train_overrides
+from idmap.plan import time_step
 
-NO_CUDA = "skipped: needs CUDA (rehearsal on a CPU)"
 NO_COMPILE = "skipped: rehearsal (inductor takes ~25 s a model on a 2-core CPU)"
 RESUME_RTOL = 1e-2  # ||w_resumed - w|| / ||w|| allowed where kernels may differ between the runs
 
@@ -89,8 +89,6 @@ def machine(ctx) -> None:
 # --------------------------------------------------------------------------------------------------
 def train_row(ctx, name: str, overrides: list[str]) -> dict:
     """One short run in a fresh directory; ok when it completes with a finite training loss."""
-    from idmap.bench import free, short_error
-    from idmap.config import compose_config
     from idmap.launch import run
     from idmap.rundir import read_metrics
 
@@ -179,7 +177,6 @@ def _difference(a: dict, b: dict) -> tuple[bool, float, float]:
 
 def resume_pair(ctx, name: str, overrides: list[str]) -> dict:
     from idmap.checkpoint import load_checkpoint
-    from idmap.config import compose_config
     from idmap.launch import run
     from idmap.rundir import CHECKPOINT
     from idmap.runtime import Interrupted
@@ -208,8 +205,6 @@ def resume_pair(ctx, name: str, overrides: list[str]) -> dict:
 
 
 def resume(ctx) -> None:
-    from idmap.bench import short_error
-
     # cuBLAS reads its workspace setting when it starts: before the first pair, so that the
     # deterministic pair after it gets cuBLAS's deterministic workspace (runtime.configure sets it too late).
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -230,42 +225,17 @@ def resume(ctx) -> None:
 # --------------------------------------------------------------------------------------------------
 # bench: ghost BN in one pass against the old chunked version (idmap.norm.to_chunked)
 # --------------------------------------------------------------------------------------------------
-def _step_time(ctx, model, batch: int, iters: int) -> float:
-    from idmap.runtime import autocast
-
-    device = _device(ctx)
-    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
-    model = model.to(device, memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        with autocast("bf16", device):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return timed(step, device, reps=iters, warmup=3)
-
-
 def ghost_bn(ctx) -> None:
-    try:
-        from idmap.norm import to_chunked
-    except ImportError:
-        ctx.add("ghost BN old vs new", "skipped: needs idmap.norm.to_chunked")
-        return
-    from idmap.config import compose_config
-    from idmap.models import build_resnet, model_kwargs
-
+    """The trainer's own build and step (plan.time_step) timed twice, the second time with the
+    chunked BN swapped in as bench's chunked rows do: only the BN modules differ."""
     s = ctx.sizes
     for net in (s.resnet20, s.deep):
-        cfg = compose_config(*train_overrides(s, 1, 1), *net)
-        new = build_resnet(**model_kwargs(cfg, 10))
-        old = copy.deepcopy(new)
-        old = to_chunked(old) or old
+        cfg = compose_config(*train_overrides(s, 1, 1), *net, "trainer.precision=bf16",
+                             "trainer.channels_last=true")
         label = f"ghost BN ({' '.join(net)}, bn_batch {cfg.model.bn_batch}, bf16, channels_last)"
-        t_new, t_old = (_step_time(ctx, m, s.batch, s.ghost_iters) for m in (new, old))
+        t_new = time_step(cfg, s.ghost_iters, warmup=3)[0]
+        with _chunked_ghost_bn(True):
+            t_old = time_step(cfg, s.ghost_iters, warmup=3)[0]
         ctx.add(label, ms_per_iter_one_pass=1000 * t_new, ms_per_iter_chunked=1000 * t_old, speedup=t_old / t_new)
 
 
@@ -273,8 +243,6 @@ def ghost_bn(ctx) -> None:
 # fused: N ResNet-20s trained as one model (idmap.fused), aggregate images/s
 # --------------------------------------------------------------------------------------------------
 def fused(ctx) -> None:
-    from idmap.bench import short_error
-    from idmap.config import compose_config
     from idmap.trainer import DeviceData
 
     s, device = ctx.sizes, _device(ctx)
@@ -325,7 +293,6 @@ def _fused_rate(ctx, cfg, data, n: int) -> float:
 
 def jpeg_cache(ctx) -> None:
     """Decodes (and caches) the JPEG copy once, before runs that would each decode it at once."""
-    from idmap.config import compose_config
     from idmap.data import load_dataset
 
     t0 = time.time()
