@@ -55,11 +55,11 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     def _update_running(self, means: torch.Tensor, variances: torch.Tensor, count: int) -> None:
         """One update per chunk, in order, with nn.BatchNorm2d's arithmetic (unbiased variance)."""
         m, unbiased = self.momentum, count / max(count - 1, 1)
+        # Plain in-place ops, not torch._foreach_*: the fused probe runs this layer under torch.func's
+        # vmap, which has no batching rule for the foreach ops.
         for mean, var in zip(means, variances):
-            # Both decays in one launch: this loop runs per chunk in every BN layer of every step.
-            torch._foreach_mul_([self.running_mean, self.running_var], 1 - m)
-            self.running_mean.add_(mean, alpha=m)
-            self.running_var.add_(var, alpha=m * unbiased)
+            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+            self.running_var.mul_(1 - m).add_(var, alpha=m * unbiased)
         self.num_batches_tracked.add_(len(means))
 
 
