@@ -59,7 +59,6 @@ _BF16_CL = ("trainer.precision=bf16", *_CL)
 _FUSED = (*_BF16_CL, "optim.impl=fused")
 _GHOST = "model.bn_batch={half_batch}"
 _NO_TF32 = "TF32 is a tensor-core mode of CUDA GPUs; on a CPU it is fp32"
-_NO_COMPILE = "inductor's CPU backend needs a C++ compiler and compile time, and these switches target GPUs"
 
 # A ladder: each row adds one switch to the row above it, so its speed-up over that row is what
 # the switch buys. The checkpointing rows trade compute for memory and only pay on the deepest nets.
@@ -69,20 +68,19 @@ SETTINGS = (
     Setting("tf32+channels_last", ("trainer.precision=tf32", *_CL), _NO_TF32),
     Setting("bf16+channels_last", _BF16_CL),
     Setting("bf16+channels_last+fused_sgd", _FUSED),
-    Setting("bf16+channels_last+fused_sgd+compile", (*_FUSED, "trainer.compile=default"), _NO_COMPILE),
+    Setting("bf16+channels_last+fused_sgd+compile", (*_FUSED, "trainer.compile=default")),
     Setting("bf16+channels_last+fused_sgd+compile-reduce-overhead", (*_FUSED, "trainer.compile=reduce-overhead"),
             "CUDA graphs (torch.compile's reduce-overhead mode) exist only on CUDA"),
     Setting("bf16+channels_last+fused_sgd+checkpointing", (*_FUSED, "model.checkpointing=true"), min_depth=1000),
     Setting("bf16+channels_last+fused_sgd+compile+checkpointing",
-            (*_FUSED, "trainer.compile=default", "model.checkpointing=true"), _NO_COMPILE, min_depth=1000),
+            (*_FUSED, "trainer.compile=default", "model.checkpointing=true"), min_depth=1000),
     # The paper's BN over 64 of the 128 images (half the batch here): one pass against one BN call
     # per chunk, eager and compiled.
     Setting("bf16+channels_last+fused_sgd+ghost_bn", (*_FUSED, _GHOST)),
     Setting("bf16+channels_last+fused_sgd+ghost_bn_chunked", (*_FUSED, _GHOST), chunked_bn=True),
-    Setting("bf16+channels_last+fused_sgd+compile+ghost_bn", (*_FUSED, _GHOST, "trainer.compile=default"),
-            _NO_COMPILE),
+    Setting("bf16+channels_last+fused_sgd+compile+ghost_bn", (*_FUSED, _GHOST, "trainer.compile=default")),
     Setting("bf16+channels_last+fused_sgd+compile+ghost_bn_chunked",
-            (*_FUSED, _GHOST, "trainer.compile=default"), _NO_COMPILE, chunked_bn=True),
+            (*_FUSED, _GHOST, "trainer.compile=default"), chunked_bn=True),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 CLASSIC_STRICT = "classic-strict-fp32"
@@ -266,9 +264,14 @@ def short_error(exc: BaseException) -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+    info = _cpuinfo()
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
                  platform.processor() or "CPU")
-    return f"{model} ({torch.get_num_threads()} threads)"
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    # What bf16 runs on decides a CPU's speed: AMX tiles, AVX-512 bf16 dot products, or neither.
+    units = [name for flag, name in (("amx_bf16", "AMX bf16"), ("avx512_bf16", "AVX-512 bf16"),
+                                     ("avx512f", "AVX-512")) if flag in flags]
+    return f"{model} ({', '.join(units[:2]) or 'no AVX-512'}; {torch.get_num_threads()} threads)"
 
 
 def _cpuinfo() -> list[str]:
