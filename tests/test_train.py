@@ -1,3 +1,4 @@
+import datetime
 import json
 
 import pytest
@@ -24,6 +25,9 @@ def test_end_to_end_run_writes_every_file_and_learns(tmp_path):
     assert summary["model"] == {"depth": 8, "unit": "basic", "block": "full_preact", "downsample": "zero_pad"}
     for key in ("params", "wall_time_s", "device", "torch_version", "git_commit", "seed", "best_test_error"):
         assert key in summary
+    # Where and when, as results pages print beside each number: the CPU's model and threads.
+    assert summary["device_name"].endswith(f"{torch.get_num_threads()} thread{'s' * (torch.get_num_threads() != 1)})")
+    assert datetime.datetime.fromisoformat(summary["ended"]).tzinfo is not None
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [20, 40, 60]
     assert set(metrics[0]) == {"iteration", "epoch", "lr", "train_loss", "train_error", "test_loss",

@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import gc
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from idmap.config import compose_config
 from idmap.models import build_resnet, model_kwargs
 from idmap.norm import to_chunked
 from idmap.rundir import read_metrics
-from idmap.runtime import Interrupted, set_tf32
+from idmap.runtime import Interrupted, device_name, set_tf32
 from idmap.trainer import PAD, learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,26 +258,6 @@ def short_error(exc: BaseException) -> str:
         return "out of memory"
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first[:100]}".replace("|", "/")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    info = _cpuinfo()
-    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                 platform.processor() or "CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
-    # What bf16 runs on decides a CPU's speed: AMX tiles, AVX-512 bf16 dot products, or neither.
-    units = [name for flag, name in (("amx_bf16", "AMX bf16"), ("avx512_bf16", "AVX-512 bf16"),
-                                     ("avx512f", "AVX-512")) if flag in flags]
-    return f"{model} ({', '.join(units[:2]) or 'no AVX-512'}; {torch.get_num_threads()} threads)"
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def header(args, device: torch.device, argv: list[str]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import signal
 import threading
 import warnings
@@ -28,6 +29,29 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" or (name.startswith("cuda") and dist.is_initialized()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
+
+
+def device_name(device: torch.device) -> str:
+    """The device as a reader of results needs it named: the GPU's model, or the CPU's model with what
+    bf16 runs on (AMX tiles, AVX-512 bf16 dot products) and the threads torch uses."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    info = _cpuinfo()
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                 platform.processor() or "CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), []))
+    units = [name for flag, name in (("amx_bf16", "AMX bf16"), ("avx512_bf16", "AVX-512 bf16"),
+                                     ("avx512f", "AVX-512")) if flag in flags]
+    threads = torch.get_num_threads()
+    return f"{model} ({', '.join(units[:2]) or 'no AVX-512'}; {threads} thread{'s' * (threads != 1)})"
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
 
 
 def configure(trainer, seed: int) -> None:

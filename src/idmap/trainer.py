@@ -8,6 +8,7 @@ directory's files rundir.py's, the device and signals runtime.py's.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import signal
@@ -26,7 +27,8 @@ from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
 from idmap.orderings import check_config as check_ordering
 from idmap.rundir import CHECKPOINT, RunLog, git_commit
-from idmap.runtime import Interrupted, StopFlag, autocast, configure, memory_format, resolve_device
+from idmap.runtime import (Interrupted, StopFlag, autocast, configure, device_name, memory_format,
+                           resolve_device)
 from idmap.state import BatchStream, RunExists, TrainState
 
 log = logging.getLogger("idmap")
@@ -136,6 +138,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
         images_per_sec=_mean([m["images_per_sec"] for m in metrics]),
         peak_memory_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
         error=f"non-finite loss by iteration {state.iteration}" if status == "diverged" else None,
+        ended=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     if loop.runlog:
         loop.runlog.close(summary)
@@ -327,6 +330,7 @@ def new_summary(cfg: DictConfig, model, ds, device: torch.device, max_iters: int
         "params": count_parameters(model),
         "wall_time_s": 0.0,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device_name": device_name(device),  # the CPU's model and threads too (of the last segment)
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
         "seed": cfg.seed,

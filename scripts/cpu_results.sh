@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The CPU runs behind docs/results.md, as they were run: two lanes, one training thread each, side by
+# side on a 2-core machine (docs/benchmarks.md, "Training on the CPU", says why this arrangement).
+# Each lane runs its sweeps in order; a sweep folder that exists is resumed (trainer.resume), one
+# that completed is skipped, so the same command continues after an interruption or in a new session
+# where outputs/results survived.
+#
+#   scripts/cpu_results.sh 1 &    scripts/cpu_results.sh 2 &     (detached: see docs/results.md)
+#
+# Then `scripts/collect_results.py` copies the completed runs' small files into docs/results/runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${IDMAP_RESULTS_OUT:-outputs/results}
+export OMP_NUM_THREADS=1  # two threads collapse whenever anything else takes a core (docs/benchmarks.md)
+
+# The fastest setting that keeps the paper's algorithm on this CPU (bf16 autocast; docs/results.md
+# holds the bf16-against-fp32 check), on the JPEG copy of CIFAR-10, evaluated every 1,000 iterations.
+CPU=(dataset=cifar10_jpeg trainer.device=cpu trainer.channels_last=true trainer.compile=default
+     optim.impl=fused trainer.checkpoint_every=1000)
+
+sweep() {  # sweep NAME OVERRIDES...: start the sweep in $OUT/NAME, or resume it (its completed
+           # jobs are skipped: idmap.resume.already_done)
+    local dir=$OUT/$1; shift
+    if [ -f "$dir/multirun.yaml" ]; then
+        "$PY" train.py trainer.resume="$dir"
+    else
+        "$PY" train.py -m "$@" hydra.sweep.dir="$dir"
+    fi
+}
+
+ablation() {  # one ordering of the ResNet-20 seed experiment, seed 1, the full paper protocol
+    sweep "resnet20_ablation/$1" +experiment=resnet20_ablation resnet20_ablation="$1" seed=1 \
+        trainer.precision=bf16 "${CPU[@]}"
+}
+
+case "${1:-}" in
+    1) ablation original; ablation relu_before_add; ablation bn_after_add ;;
+    2) # Is bf16 faithful enough? Full pre-activation ResNet-20, 4,000 iterations (LR drops scaled to
+       # 2,000 and 3,000), seeds 1-3, bf16 and fp32.
+       sweep bf16_pair depth=20 block=full_preact seed=1,2,3 trainer.precision=bf16,fp32 \
+           trainer.max_iters=4000 'optim.milestones=[2000,3000]' trainer.eval_every=500 trainer.progress=false "${CPU[@]}"
+       ablation full_preact; ablation relu_only_preact ;;
+    *) echo "usage: $0 1|2 (the lane to run)" >&2; exit 2 ;;
+esac
