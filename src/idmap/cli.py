@@ -52,3 +52,4 @@ def _entry(module: str) -> Callable[..., int]:
 report, curves, evaluate = _entry("idmap.report"), _entry("idmap.curves"), _entry("idmap.evaluation")
 bench, signals, landscape = _entry("idmap.bench"), _entry("idmap.signals"), _entry("idmap.landscape")
 plan, gpu_check = _entry("idmap.plan"), _entry("idmap.gpu_check")
+results = _entry("idmap.results")

@@ -1,0 +1,222 @@
+"""The results page: the report's tables, the training curves and one line per run saying where,
+when and how it ran, generated from the run files kept in the repository (docs/results/runs).
+
+    python scripts/results.py docs/results/runs --collect outputs/results   # copy completed runs in
+    python scripts/results.py docs/results/runs --out docs/results.md       # write the page
+
+Only whole runs are kept: --collect copies a run once it completed its schedule, and only its small
+files (summary, metrics, Hydra's record, TensorBoard events): no checkpoint, nothing of the images.
+The page's tables are `scripts/report.py RUNS --seeds-needed` verbatim; its one hand-written part,
+the reading of the numbers, comes from reading.md beside the runs folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import shlex
+import statistics
+from pathlib import Path
+from typing import Optional, Sequence
+
+from idmap import IdmapError, curves, report, rundir
+from idmap.runs import Run, load_runs
+
+TENSORBOARD = "events.out.tfevents.*"
+# Keys that say how a run ran, not what it computed: left out when runs are matched into pairs.
+_HOW = ("seed", "trainer.precision", "trainer.resume", "trainer.progress", "trainer.checkpoint_every")
+
+
+# --------------------------------------------------------------------------------------------------
+# Collecting completed runs
+# --------------------------------------------------------------------------------------------------
+def completed(run_dir: Path) -> bool:
+    """Whether the run reached the end of its schedule (a stopped or diverged run is no result)."""
+    try:
+        s = rundir.read_summary(run_dir)
+    except ValueError:
+        return False
+    return s["status"] == "completed" and (s.get("iterations") or 0) >= (s.get("max_iters") or 0) > 0
+
+
+def kept_files(run_dir: Path) -> list[Path]:
+    """The files of a run the repository keeps, relative to the run."""
+    hydra = sorted(p for p in (run_dir / rundir.HYDRA_DIR).glob("*.yaml"))
+    names = [run_dir / rundir.SUMMARY, run_dir / rundir.METRICS, *hydra, *sorted(run_dir.glob(TENSORBOARD))]
+    return [p.relative_to(run_dir) for p in names if p.is_file()]
+
+
+def collect(source: Path, dest: Path) -> list[Path]:
+    """Copies each completed run under `source` into the same place under `dest`, with its sweep's
+    multirun.yaml; returns the runs copied. A file already there is replaced (atomically)."""
+    copied = []
+    for run in rundir.run_dirs([source]):
+        if not completed(run):
+            continue
+        target = dest / run.relative_to(source)
+        files = [(run / f, target / f) for f in kept_files(run)]
+        if (run.parent / rundir.MULTIRUN).is_file() and run.parent != source.parent:
+            files.append((run.parent / rundir.MULTIRUN, target.parent / rundir.MULTIRUN))
+        for src, dst in files:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            data = src.read_bytes()
+            rundir.atomic_write(dst, lambda f: f.write(data))
+        copied.append(target)
+    return copied
+
+
+# --------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------
+def _captured(main, argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        if main(argv):
+            raise IdmapError(f"{main.__module__} {shlex.join(argv)} failed")
+    return out.getvalue().strip()
+
+
+def command(run: Run) -> str:
+    """The command line that runs this run again (its recorded overrides; a resume's own entry left
+    out, since the run it continued had the same settings)."""
+    args = [o for o in run.overrides if rundir.override_key(o) != "trainer.resume"]
+    return "python train.py -m " + " ".join(map(_shell, args))
+
+
+def _shell(arg: str) -> str:
+    """An override as one types it: bare where the shell leaves it alone, in double quotes where it
+    holds Hydra's own quotes or brackets (depth='20', optim.milestones=[2000,3000])."""
+    if re.fullmatch(r"[\w.=+,/:@%-]+", arg):
+        return arg
+    return f'"{arg}"' if not set('"$`\\!') & set(arg) else shlex.quote(arg)
+
+
+def _hours(seconds: Optional[float]) -> str:
+    if not seconds:
+        return ""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}"
+
+
+def run_table(runs: Sequence[Run], root: Path) -> list[str]:
+    lines = ["| run | final test error (%) | iterations | device | precision | torch | commit | ended (UTC) "
+             "| wall time | images/s | command |", "|" + "---|" * 11]
+    for run in runs:
+        s = rundir.read_summary(run.path)
+        config = s.get("config") or {}
+        lines.append("| " + " | ".join([
+            f"`{run.path.relative_to(root)}`", "" if run.final_test_error is None else f"{run.final_test_error:.2f}", str(s.get("iterations")),
+            s.get("device_name") or s.get("device", ""), (config.get("trainer") or {}).get("precision", ""),
+            s.get("torch_version", ""), (s.get("git_commit") or "")[:10], (s.get("ended") or "").replace("+00:00", ""),
+            _hours(s.get("wall_time_s")), f"{s['images_per_sec']:,.0f}" if s.get("images_per_sec") else "",
+            f"`{command(run)}`"]) + " |")
+    return lines
+
+
+def precision_pairs(runs: Sequence[Run]) -> list[str]:
+    """For runs that differ only in seed and precision: whether each bf16 run's final error lies
+    inside the range of the fp32 seeds' (the check that lets the long runs use bf16)."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for run in runs:
+        if run.outcome is None:
+            continue
+        precision = (run.config.trainer.precision if run.config is not None else None) or "fp32"
+        same = tuple(sorted(o for o in run.overrides if rundir.override_key(o) not in _HOW))
+        groups.setdefault(same, {}).setdefault(precision, []).append(run.outcome)
+    lines = []
+    for same, by in groups.items():
+        if "fp32" not in by or "bf16" not in by:
+            continue
+        low, high = min(by["fp32"]), max(by["fp32"])
+        inside = all(low <= e <= high for e in by["bf16"])
+        fmt = lambda xs: ", ".join(f"{x:.2f}" for x in sorted(xs))  # noqa: E731
+        lines.append(
+            f"- `{' '.join(same)}`: fp32 seeds {fmt(by['fp32'])} (median {statistics.median(by['fp32']):.2f}); "
+            f"bf16 seeds {fmt(by['bf16'])} (median {statistics.median(by['bf16']):.2f}). "
+            + ("Every bf16 error lies inside the fp32 seeds' range: bf16 is faithful enough here at this "
+               "length, as far as this many seeds can show." if inside else
+               "Some bf16 error lies outside the fp32 seeds' range: the long runs should use fp32."))
+    return lines
+
+
+def page(root: Path, figures: Path, out: Optional[Path]) -> str:
+    runs, _ = load_runs([root])  # the report below warns of what it finds odd
+    runs = sorted((r for r in runs if completed(r.path)), key=lambda r: str(r.path))
+    if not runs:
+        raise IdmapError(f"{root}: no completed runs (scripts/results.py {root} --collect outputs/results)")
+    base = out.parent if out else Path.cwd()
+    figures.mkdir(parents=True, exist_ok=True)
+    curve_links = []
+    for name, argv in (("curves_resnet20_ablation.png", ["--table", "resnet20_ablation"]),
+                       ("curves_precision.png", ["--by", "trainer.precision"])):
+        path = figures / name
+        with contextlib.redirect_stderr(io.StringIO()):
+            drawn = curves.main([str(root), *argv, "-o", str(path)]) == 0
+        if drawn:
+            curve_links.append(f"![{name}]({_relative(path, base)})")
+    reading = root.parent / "reading.md"
+    parts = [
+        "# Results",
+        "",
+        f"Generated by `python scripts/results.py {root} --out {out or '-'}` from the run files kept under "
+        f"`{root}` (summary.json, metrics.jsonl, .hydra/, TensorBoard events); do not edit by hand. "
+        "Only completed runs are kept and shown.",
+        "",
+        "## The reading",
+        "",
+        reading.read_text().strip() if reading.is_file() else "(no reading.md beside the runs folder yet)",
+        "",
+        "## Tables",
+        "",
+        f"`python scripts/report.py {root} --seeds-needed --baseline trainer.precision=fp32`, verbatim:",
+        "",
+        _captured(report.main, [str(root), "--seeds-needed", "--baseline", "trainer.precision=fp32"]),
+        "",
+        "## bf16 against fp32",
+        "",
+        *(precision_pairs(runs) or ["(no completed fp32/bf16 pair)"]),
+        "",
+        "## Curves",
+        "",
+        "Training error dashed, test error solid, median over seeds with the range of seeds shaded "
+        f"(`scripts/plot_curves.py {root} --table resnet20_ablation` and `--by trainer.precision`).",
+        "",
+        *curve_links,
+        "",
+        "## The runs",
+        "",
+        *run_table(runs, root),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def _relative(path: Path, base: Path) -> str:
+    return os.path.relpath(path, base)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path, help="the folder of kept runs, e.g. docs/results/runs")
+    parser.add_argument("--collect", type=Path, metavar="DIR",
+                        help="first copy the completed runs under DIR (e.g. outputs/results) into RUNS")
+    parser.add_argument("--out", type=Path, help="write the page here (default: print it)")
+    parser.add_argument("--figures", type=Path, help="where the curves go (default: figures/ beside --out)")
+    args = parser.parse_args(argv)
+    if args.collect:
+        if not args.collect.is_dir():
+            raise IdmapError(f"--collect {args.collect}: not a directory")
+        for run in collect(args.collect, args.runs):
+            print(f"kept {run}")
+    if not args.runs.is_dir():
+        raise IdmapError(f"{args.runs}: not a directory")
+    figures = args.figures or (args.out.parent if args.out else Path.cwd()) / "figures"
+    text = page(args.runs, figures, args.out)
+    if args.out:
+        rundir.atomic_write(args.out, lambda f: f.write(text), mode="w")
+    else:
+        print(text)
+    return 0

@@ -1,0 +1,76 @@
+"""idmap.results (scripts/results.py): only completed runs are kept, and only their small files; the
+page holds the report's tables, the curves, each run's provenance and the bf16 check's verdict."""
+
+import json
+import shutil
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from conftest import TINY, run_train
+from idmap import cli, results
+from idmap.runs import Run
+
+SHORT = [*TINY, "trainer.max_iters=20", "trainer.eval_every=10", "trainer.checkpoint_every=20"]
+
+
+def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_each_ran(tmp_path):
+    out = tmp_path / "outputs"
+    run_train("-m", *SHORT, "seed=1,2", "trainer.precision=bf16,fp32", f"hydra.sweep.dir={out / 'pair'}")
+    stopped = out / "pair" / "9_stopped"  # a run that did not finish its schedule is no result
+    shutil.copytree(out / "pair" / "0_full_preact_110", stopped)
+    summary = json.loads((stopped / "summary.json").read_text())
+    (stopped / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "iterations": 10}))
+
+    kept = tmp_path / "docs" / "results" / "runs"
+    copied = results.collect(out, kept)
+    assert sorted(p.name for p in copied) == [f"{i}_full_preact_110" for i in range(4)]
+    run = kept / "pair" / "0_full_preact_110"
+    names = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
+    assert "checkpoint.pt" not in names and ".lock" not in names and "train.log" not in names
+    assert {"metrics.jsonl", "summary.json", ".hydra/overrides.yaml"} <= set(names)
+    assert any(n.startswith("events.out.tfevents.") for n in names)
+    assert (kept / "pair" / "multirun.yaml").is_file() and not (kept / "pair" / "9_stopped").exists()
+    assert (run / "summary.json").read_bytes() == (out / "pair" / "0_full_preact_110" / "summary.json").read_bytes()
+
+    (kept.parent / "reading.md").write_text("What the numbers say.")
+    page_path = tmp_path / "docs" / "results.md"
+    assert cli.results([str(kept), "--out", str(page_path)]) == 0
+    page = page_path.read_text()
+    assert "What the numbers say." in page
+    assert "| trainer.precision=fp32 | synthetic |" in page and "baseline |" in page  # the report's sweep table
+    assert "![curves_precision.png](figures/curves_precision.png)" in page
+    assert (tmp_path / "docs" / "figures" / "curves_precision.png").stat().st_size > 0
+    rows = [line for line in page.splitlines() if line.startswith("| `pair/")]
+    assert len(rows) == 4
+    for row in rows:
+        assert "1 thread" in row or "threads" in row  # the CPU as summary.json names it
+        assert "python train.py -m " in row and "trainer.resume" not in row and "seed=" in row
+    assert "fp32 seeds" in page and "bf16 seeds" in page
+
+
+def _run(precision: str, seed: int, error: float) -> Run:
+    return Run(Path(f"r{seed}{precision}"), "completed", error, {}, "synthetic", 20, seed,
+               overrides=["block=full_preact", f"seed={seed}", f"trainer.precision={precision}"],
+               config=OmegaConf.create({"trainer": {"precision": precision}}))
+
+
+def test_bf16_is_kept_only_when_each_of_its_errors_lies_inside_the_fp32_seeds_range():
+    fp32 = [_run("fp32", s, e) for s, e in ((1, 8.0), (2, 8.6), (3, 8.3))]
+    inside = results.precision_pairs([*fp32, *(_run("bf16", s, e) for s, e in ((1, 8.1), (2, 8.5), (3, 8.0)))])
+    assert len(inside) == 1 and "faithful enough" in inside[0] and "`block=full_preact`" in inside[0]
+    outside = results.precision_pairs([*fp32, *(_run("bf16", s, e) for s, e in ((1, 8.1), (2, 8.7), (3, 8.0)))])
+    assert len(outside) == 1 and "should use fp32" in outside[0]
+    assert results.precision_pairs(fp32) == []  # no pair, no verdict
+
+
+def test_a_folder_without_completed_runs_is_one_line_and_exit_2(tmp_path, capsys):
+    assert cli.results([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no completed runs" in err[0] and "--collect" in err[0]
+
+
+def test_the_command_of_a_run_is_one_a_shell_takes_as_recorded():
+    run = _run("bf16", 1, 8.0)
+    run.overrides = ["depth='20'", "optim.milestones=[2000,3000]", "trainer.resume=True", "seed=1"]
+    assert results.command(run) == "python train.py -m \"depth='20'\" \"optim.milestones=[2000,3000]\" seed=1"
