@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# How to train on a small CPU machine: train.py's throughput under each arrangement of threads and
+# neighbours (docs/benchmarks.md, "Training on the CPU"). Each case trains the paper protocol's
+# ResNet-20 (full pre-activation, BN over 64) in bf16 + channels_last + fused SGD + compile, on the
+# JPEG copy of CIFAR-10 in data/, for 300 iterations; the rate is the trainer's own, after its first
+# window (which holds the compilation). Run it on an otherwise idle machine: it makes its own load.
+#
+#   scripts/cpu_arrangements.sh            (about 15 minutes on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
+RUN=(depth=20 block=full_preact dataset=cifar10_jpeg trainer.device=cpu trainer.precision=bf16
+     trainer.channels_last=true trainer.compile=default optim.impl=fused trainer.max_iters=300
+     trainer.eval_every=100 trainer.checkpoint_every=100000 trainer.progress=false)
+
+train() {  # train NAME THREADS [VAR=VALUE...]: one run in $WORK/NAME
+    local name=$1 threads=$2; shift 2
+    env OMP_NUM_THREADS="$threads" "$@" "$PY" train.py "${RUN[@]}" hydra.run.dir="$WORK/$name" >"$WORK/$name.log" 2>&1
+}
+
+rate() {  # images/s of run NAME after its first window
+    "$PY" - "$WORK/$1/metrics.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])][1:]
+seconds = sum(100 * 128 / r["images_per_sec"] for r in rows)
+print(f"{len(rows) * 100 * 128 / seconds:,.0f}")
+EOF
+}
+
+busy() {  # a neighbour that takes one core, as a test run or a compile does
+    "$PY" -c 'while True: pass' & echo $!
+}
+
+echo "| arrangement | images/s per run | images/s in all |"
+echo "|---|---|---|"
+train a 2 && r=$(rate a) && echo "| one run, 2 threads, machine idle | $r | $r |"
+train b 1 && r=$(rate b) && echo "| one run, 1 thread, machine idle | $r | $r |"
+train c1 1 & train c2 1; wait
+r1=$(rate c1); r2=$(rate c2)
+echo "| two runs, 1 thread each | $r1 + $r2 | $(( ${r1//,/} + ${r2//,/} )) |"
+pid=$(busy)
+train d 2 && r=$(rate d) && echo "| one run, 2 threads, beside a busy process | $r | $r |"
+train e 2 OMP_WAIT_POLICY=PASSIVE && r=$(rate e) && echo "| the same, OMP_WAIT_POLICY=PASSIVE | $r | $r |"
+train f 1 && r=$(rate f) && echo "| one run, 1 thread, beside a busy process | $r | $r |"
+kill "$pid"
