@@ -337,9 +337,10 @@ def test_a_check_that_is_sent_sigterm_ends_every_process_it_started(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--rehearse", "--out", str(out)],
                             env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     listed = out / gpu_check.RUNNING_PGIDS
-    while not listed.exists() and proc.poll() is None:  # the first step's child has started
+    groups = []
+    while not groups and proc.poll() is None:  # until the first step's child is listed
         time.sleep(0.05)
-    groups = [-int(line) for line in listed.read_text().split()]
+        groups = [-int(line) for line in (listed.read_text().split() if listed.exists() else [])]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     assert groups and not any(alive(pid) for pid in groups)
