@@ -195,7 +195,7 @@ def test_checkpoint_time_does_not_count_in_images_per_sec(tmp_path, monkeypatch)
             return original(*args, **kwargs)
         return run
 
-    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0], time=lambda: clock[0]))
     monkeypatch.setattr(trainer.Loop, "step", timed(0.01, step))
     monkeypatch.setattr(TrainState, "save", timed(100.0, save))
     cfg = make_cfg(*TINY, "trainer.checkpoint_every=5")  # 40 iterations, evaluations at 20 and 40

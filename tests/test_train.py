@@ -31,7 +31,7 @@ def test_end_to_end_run_writes_every_file_and_learns(tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [20, 40, 60]
     assert set(metrics[0]) == {"iteration", "epoch", "lr", "train_loss", "train_error", "test_loss",
-                               "test_error", "images_per_sec", "elapsed"}
+                               "test_error", "images_per_sec", "elapsed", "time"}
     assert summary["final_test_error"] == metrics[-1]["test_error"]
     assert metrics[-1]["test_error"] < metrics[0]["test_error"] or metrics[-1]["test_error"] < 30
     assert metrics[-1]["test_error"] < 60  # chance is 90%

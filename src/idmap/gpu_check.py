@@ -1,16 +1,19 @@
-"""One prepared command for a GPU window: every question the first GPU session must answer, in one call.
+"""Prepared commands for a GPU window: what the first GPU sessions must learn, in two calls.
 
-    idmap-gpu-check [--budget SECONDS] [--out DIR] [--data JPEG_ROOT] [--rehearse]
+    idmap-gpu-check [--part 1|2] [--budget SECONDS] [--out DIR] [--data JPEG_ROOT] [--rehearse]
 
-Steps, in order, each in a time cap of its own: machine, tests, smoke, resume, bench, packing,
-fused, fidelity, long (docs/benchmarks.md says what each measures). A step whose code can hang or
-crash CUDA runs in a child process killed at its cap, so a bad step costs one row, not the window;
-every step writes a row ("failed: reason", "skipped: needs CUDA"). The bundle under --out is three
-files, rewritten after every step so that a call cut short still brings back what it has:
-summary.md (the table, printed last on stdout too), results.json (every number) and logs.tar.gz.
+Part 1 (300 s): machine, smoke, resume, bench-20, bench-110. Part 2 (250 s): bench-1001, packing,
+fused, fidelity, ghost-bn. docs/benchmarks.md says what each measures. Each step has a time cap
+sized from a written estimate of what it must do (STEPS); time a step leaves unused goes to the
+steps after it. A step whose code can hang or crash CUDA runs in a child process killed at its
+cap, so a bad step costs one row, not the window; every step writes a row ("failed: reason",
+"skipped: needs CUDA"). Every process the check starts is ended by the time it returns. The bundle
+under --out is three files, rewritten after every step so that a call cut short still brings back
+what it has: summary.md (the table, printed last on stdout too), results.json (every number) and
+logs.tar.gz.
 
---rehearse runs every step on the CPU at tiny sizes through the same code, so the command cannot
-rot before a GPU arrives (tests/test_gpu_check.py runs it).
+--rehearse runs every step of both parts on the CPU at tiny sizes through the same code, so the
+command cannot rot before a GPU arrives (tests/test_gpu_check.py runs it).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import itertools
 import json
 import os
+import signal
 import sys
 import tarfile
 import tempfile
@@ -33,31 +38,52 @@ from idmap.gpu_check_sizes import GPU, REHEARSAL, Sizes
 from idmap.rundir import atomic_write, write_json
 
 SUMMARY_MD, RESULTS_JSON, LOGS_TAR = "summary.md", "results.json", "logs.tar.gz"
+RUNNING_PGIDS = "running.pgids"  # in --out while children run (gpu_check_runs.PGIDS)
 LOG_TAIL = 2 * 2**20  # bytes of each log kept in the bundle (its end: where failures are)
-MARGIN_S = 5.0  # kept back from the budget for writing the bundle
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
-    weight: float  # its share of the budget left when it starts (shares of later steps count too)
+    part: int  # the call that runs it: 1 (the default) or 2 (--part 2)
+    cap_s: int  # seconds on the GPU, from `estimate`: what the step must do there and why that fits
+    estimate: str
     run: object  # fn(ctx)
     child: bool  # run in a child process (CUDA work that may hang or crash)
 
 
+# In the order of what the project needs to know first. The estimates are for one H100 or H200 on
+# a fresh machine (cold disk and compile caches); compile times are not yet measured on a GPU.
 STEPS = (
-    Step("machine", 3, steps.machine, True),
-    Step("tests", 10, runs.tests, False),
-    Step("smoke", 27, steps.smoke, True),
-    Step("resume", 7, steps.resume, True),
-    Step("bench", 20, runs.bench, False),
-    Step("packing", 12, runs.packing, False),
-    Step("fused", 5, steps.fused, True),
-    Step("fidelity", 12, runs.fidelity, False),
-    Step("long", 4, runs.long_runs, False),
+    Step("machine", 1, 20, "a fresh machine's first torch import and CUDA context (~10 s); two 2 GiB "
+         "buffers and 26 timed copies and matrix products (~1 s)", steps.machine, True),
+    Step("smoke", 1, 105, "a child's start (~10 s); 19 eager runs of 20 iterations (depths 20 and 164, "
+         "and the depth-8 references of the compiled rows), ~1-4 s each with cuDNN autotuning and an "
+         "evaluation (~45 s); then 3 compiles of the depth-8 net, training and evaluation graphs, ~15 s "
+         "each (~45 s)", steps.smoke, True),
+    Step("resume", 1, 25, "a child's start (~10 s); three deterministic ResNet-20 runs of 200 "
+         "iterations with 10 checkpoints each (~3 s each)", steps.resume, True),
+    Step("bench-20", 1, 55, "bench.py's start (~10 s); the classic loop and its strict-fp32 twin, 130 "
+         "iterations with 8 loader workers (~4 s each); the fast setting eager (~3 s); the same compiled "
+         "with CUDA graphs, training and evaluation graphs (~30 s)", runs.bench, False),
+    Step("bench-110", 1, 95, "bench.py's start (~10 s); the two classic rows, 80 iterations at ~25 ms "
+         "(~5 s each); the fast setting eager (~5 s); the same compiled, a graph 5x depth 20's (~60 s)",
+         runs.bench, False),
+    Step("bench-1001", 2, 60, "bench.py's start (~10 s); ResNet-1001 built four times (~2 s each); the "
+         "two classic rows, 12 iterations at ~0.4 s (~6 s each); the fast setting with and without "
+         "checkpointing, 12 iterations at ~0.2 s and cuDNN autotuning (~8 s each)", runs.bench, False),
+    Step("packing", 2, 90, "per level, k train.py starts at once (~8 s), then 650 iterations at ~5 ms "
+         "(1 run) to ~20 ms (8 runs): ~11, ~15 and ~21 s for 1, 4 and 8 runs; 4 and 8 again under MPS "
+         "(~36 s), its start and quit (~3 s)", runs.packing, False),
+    Step("fused", 2, 25, "a child's start (~10 s); 1, 4 and 8 ResNet-20s as one, 3 warm-up and 50 "
+         "timed steps each with cuDNN autotuning (~3 s each)", steps.fused, True),
+    Step("fidelity", 2, 55, "decoding the 60,000 JPEGs in a child (~20 s); two train.py runs side by "
+         "side, a start (~8 s) and 1,000 ResNet-20 iterations at ~10 ms with 4 evaluations (~12 s)",
+         runs.fidelity, False),
+    Step("ghost-bn", 2, 20, "a child's start (~10 s); depths 20 and 164, one pass and chunked, 53 "
+         "steps each at ~5 to 25 ms (~5 s)", steps.ghost_bn, True),
 )
-CHILD_STEPS = {s.name: s.run for s in STEPS if s.child} | {"ghost_bn": steps.ghost_bn,
-                                                          "jpeg_cache": steps.jpeg_cache}
+CHILD_STEPS = {s.name: s.run for s in STEPS if s.child} | {"jpeg_cache": steps.jpeg_cache}
 
 
 @dataclass
@@ -68,8 +94,8 @@ class Context:
     rehearse: bool
     work: Path
     deadline: float  # time.time() by which the step must be done
-    data: str | None  # root of the unpacked JPEG copy of CIFAR-10
-    long_dir: Path
+    data: str | None = None  # root of the unpacked JPEG copy of CIFAR-10
+    step: str = ""
     items: list[dict] = field(default_factory=list)
     headline: str = ""
     record: Path | None = None  # a child's items file, rewritten after every row
@@ -101,7 +127,7 @@ class Context:
         record = self.work / f"{name}.json"
         record.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "idmap.gpu_check", "--child", name, "--work", str(self.work),
-               "--deadline", str(deadline), "--long-dir", str(self.long_dir)]
+               "--deadline", str(deadline)]
         cmd += ["--rehearse"] if self.rehearse else []
         cmd += ["--data", self.data] if self.data else []
         t0 = time.time()
@@ -146,9 +172,9 @@ def number_text(item: dict) -> str:
 
 def markdown(report: dict) -> tuple[str, str]:
     """(the short table, the whole summary: the table then each step's rows)."""
-    table = ["| step | result | seconds | headline |", "|---|---|---|---|"]
-    table += [f"| {r['step']} | {cell(r['status'])} | {r['seconds']:.0f} | {cell(r['headline'])} |"
-              for r in report["steps"]]
+    table = ["| step | result | seconds | allowed | headline |", "|---|---|---|---|---|"]
+    table += [f"| {r['step']} | {cell(r['status'])} | {r['seconds']:.0f} | {r['allowed_s']:.0f} | "
+              f"{cell(r['headline'])} |" for r in report["steps"]]
     head = [f"# idmap GPU check{' (rehearsal on a CPU: no GPU numbers)' if report['rehearse'] else ''}", "",
             f"{report['when']}; budget {report['budget_s']:.0f} s; command `{report['command']}`", "", ""]
     details = []
@@ -177,12 +203,24 @@ def write_bundle(out: Path, report: dict, work: Path, extra_logs: list[Path]) ->
     return short
 
 
-def cap(budget_end: float, index: int) -> float:
-    """Step `index`'s deadline: its weight's share of the time left, so time a step leaves unused
-    goes to the steps after it; the last step gets all that is left."""
-    left = budget_end - time.time()
-    weights = [s.weight for s in STEPS[index:]]
-    return time.time() + max(1.0, left * weights[0] / sum(weights))
+def deadlines(chosen: list[Step], start: float, budget: float) -> list[float]:
+    """Each step's deadline: the caps up to and including its own, scaled to the budget, from the
+    start. A step may so use what the steps before it left unused, and the call ends by the budget."""
+    scale = budget / sum(s.cap_s for s in chosen)
+    return [start + scale * used for used in itertools.accumulate(s.cap_s for s in chosen)]
+
+
+def chosen_steps(part: int, rehearse: bool) -> list[Step]:
+    return [s for s in STEPS if rehearse or s.part == part]
+
+
+def plan_table() -> str:
+    """The steps with their calls, caps and estimates (docs/benchmarks.md holds a copy, checked)."""
+    lines = ["| step | call | cap (s) | what it must do, and why that fits |", "|---|---|---|---|"]
+    lines += [f"| `{s.name}` | {s.part} | {s.cap_s} | {s.estimate} |" for s in STEPS]
+    for part in (1, 2):
+        lines.append(f"| part {part} | | {sum(s.cap_s for s in chosen_steps(part, False))} | |")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,26 +229,26 @@ def cap(budget_end: float, index: int) -> float:
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 480)")
+    p.add_argument("--part", type=int, choices=(1, 2), default=1,
+                   help="which call: 1 (default) or 2, for the steps that do not fit in the first")
+    p.add_argument("--budget", type=float, help="seconds for the steps (default: the sum of the part's caps)")
     p.add_argument("--out", type=Path, default=Path("gpu-check"), help="bundle folder (default gpu-check)")
     p.add_argument("--data", default=os.environ.get("IDMAP_CIFAR10_JPEG"),
-                   help="the unpacked JPEG copy of CIFAR-10 (cifar10-jpeg/), for the fidelity pair and "
-                        "the long runs (default $IDMAP_CIFAR10_JPEG)")
-    p.add_argument("--long-dir", type=Path, default=Path(tempfile.gettempdir()) / "idmap-gpu-check-long",
-                   help="run directories of the long runs, which outlive the call")
-    p.add_argument("--rehearse", action="store_true", help="every step on the CPU at tiny sizes")
+                   help="the unpacked JPEG copy of CIFAR-10 (cifar10-jpeg/), for the fidelity pair "
+                        "(default $IDMAP_CIFAR10_JPEG)")
+    p.add_argument("--rehearse", action="store_true", help="every step of both parts on the CPU at tiny sizes")
     p.add_argument("--child", choices=sorted(CHILD_STEPS), help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.budget < 30:
+    if args.budget is not None and args.budget < 30:
         p.error("--budget must be at least 30 seconds")
     return args
 
 
 def child_main(args) -> int:
     ctx = Context(REHEARSAL if args.rehearse else GPU, args.rehearse, args.work, args.deadline, args.data,
-                  args.long_dir, record=args.work / f"{args.child}.json")
+                  args.child, record=args.work / f"{args.child}.json")
     CHILD_STEPS[args.child](ctx)
     write_json(ctx.record, {"items": ctx.items, "headline": ctx.headline})
     return 0
@@ -235,16 +273,27 @@ def main(argv=None) -> int:
         # Tiny nets on a shared CPU: one thread each. Two threads spinning on 16x16 images cost five
         # times the CPU time here, and the rehearsal runs a dozen processes.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # A SIGTERM (a timeout around the call) ends the check through its `finally`, children and all.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    runs.PGIDS = args.out / RUNNING_PGIDS
+    try:
+        return run_steps(args, argv)
+    finally:
+        runs.end_all()
+
+
+def run_steps(args, argv: list[str]) -> int:
+    chosen = chosen_steps(args.part, args.rehearse)
+    budget = args.budget or sum(s.cap_s for s in chosen)
     t_start = time.time()
-    end = t_start + args.budget - MARGIN_S
     report = {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "budget_s": args.budget, "rehearse": args.rehearse, "steps": [],
+              "budget_s": budget, "rehearse": args.rehearse, "steps": [],
               "command": "idmap-gpu-check " + " ".join(argv)}
     sizes = REHEARSAL if args.rehearse else GPU
     with tempfile.TemporaryDirectory(prefix="idmap-gpu-check-") as tmp:
         work, extra = Path(tmp), []
-        for i, step in enumerate(STEPS):
-            ctx = Context(sizes, args.rehearse, work, cap(end, i), args.data, args.long_dir)
+        for step, deadline in zip(chosen, deadlines(chosen, t_start, budget)):
+            ctx = Context(sizes, args.rehearse, work, deadline, args.data, step.name)
             t0 = time.time()
             try:
                 ctx.child(step.name) if step.child else step.run(ctx)
@@ -253,7 +302,8 @@ def main(argv=None) -> int:
                 status = f"failed: {type(exc).__name__}: {str(exc).strip()[:160]}"
             extra += ctx.extra_logs
             report["steps"].append({"step": step.name, "status": status, "seconds": time.time() - t0,
-                                    "headline": ctx.headline, "items": ctx.items})
+                                    "allowed_s": deadline - t0, "headline": ctx.headline,
+                                    "items": ctx.items})
             print(f"[{step.name}] {status} ({time.time() - t0:.0f} s)", flush=True)
             write_bundle(args.out, report, work, extra)  # a call cut short brings back what it has
         report["seconds"] = time.time() - t_start

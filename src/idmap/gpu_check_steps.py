@@ -1,7 +1,8 @@
 """The GPU check's steps that run CUDA work in a child process of their own (idmap.gpu_check kills it
-at its cap): machine, smoke, resume, fused, and the bench's ghost BN timing. Each adds rows to
-`ctx` (gpu_check.Context) and runs the project's own code: idmap.launch.run on configs composed
-from conf/ as train.py composes them, not a copy of the loop."""
+at its cap): machine, smoke, resume, fused, ghost BN. Each adds rows to `ctx` (gpu_check.Context)
+and runs the project's own code: idmap.launch.run on configs composed from conf/ as train.py
+composes them, not a copy of the loop; what it times, it times as the trainer does (its flags from
+runtime.configure, one clock around many steps)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,18 @@ import math
 import os
 import platform
 import signal
-import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from idmap.bench import _chunked_ghost_bn, free, short_error
 from idmap.config import compose_config
-from idmap.gpu_check_sizes import FAST, NO_CUDA, train_overrides
+from idmap.gpu_check_sizes import FAST, NO_COMPILE, NO_CUDA, PACKED, train_overrides
 from idmap.plan import time_step
-
-NO_COMPILE = "skipped: rehearsal (inductor takes ~25 s a model on a 2-core CPU)"
-RESUME_RTOL = 1e-2  # ||w_resumed - w|| / ||w|| allowed where kernels may differ between the runs
 
 
 def cuda_available() -> bool:
@@ -34,24 +32,23 @@ def _device(ctx) -> torch.device:
     return torch.device("cuda", 0) if ctx.cuda else torch.device("cpu")
 
 
-def timed(fn, device: torch.device, reps: int = 10, warmup: int = 3) -> float:
-    """Median seconds of `fn()` after a warm-up, with CUDA events on a GPU."""
+def step_seconds(fn, device: torch.device, iters: int = 10, warmup: int = 3) -> float:
+    """Seconds per call of `fn` over `iters` calls in a row after `warmup`: two CUDA events (a clock
+    on a CPU) around all of them and no sync between calls, as the trainer's throughput windows."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(iters):
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return (time.perf_counter() - t0) / iters
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / iters
 
 
 # --------------------------------------------------------------------------------------------------
@@ -72,13 +69,13 @@ def machine(ctx) -> None:
     n = ctx.sizes.copy_bytes
     src = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)  # random bytes, never zeros
     dst = torch.empty_like(src)
-    seconds = timed(lambda: dst.copy_(src), device)
+    seconds = step_seconds(lambda: dst.copy_(src), device)
     copy_gbs = 2 * n / seconds / 1e9  # bytes read plus bytes written
     ctx.add(f"copy of {n / 2**20:.0f} MiB on the {where}", gb_per_s=copy_gbs, median_ms=1000 * seconds)
     m = ctx.sizes.matmul_n
     dtype = torch.bfloat16 if ctx.cuda else torch.float32
     a, b = (torch.randn(m, m, device=device, dtype=dtype) for _ in range(2))
-    seconds = timed(lambda: a @ b, device)
+    seconds = step_seconds(lambda: a @ b, device)
     tflops = 2 * m**3 / seconds / 1e12
     ctx.add(f"{m}^3 {str(dtype)[6:]} matrix product on the {where}", tflop_per_s=tflops, median_ms=1000 * seconds)
     ctx.headline = f"{name}: copy {copy_gbs:,.0f} GB/s, {str(dtype)[6:]} matmul {tflops:,.1f} TFLOP/s"
@@ -87,8 +84,21 @@ def machine(ctx) -> None:
 # --------------------------------------------------------------------------------------------------
 # Runs through the project's entry below Hydra (launch.run), one row each
 # --------------------------------------------------------------------------------------------------
-def train_row(ctx, name: str, overrides: list[str]) -> dict:
-    """One short run in a fresh directory; ok when it completes with a finite training loss."""
+SAME = 2e-3  # mean train loss of two runs that differ in summation order only (as tests/test_bench.py)
+SAME_BF16 = 3e-2  # the same in bf16, whose rounding is coarser
+
+
+class Row(NamedTuple):
+    name: str
+    overrides: list[str]
+    skip: str = ""  # why it does not run here
+    ref: str = ""  # a row of the same maths: the two mean train losses must agree to `rtol`
+    rtol: float = 0.0
+
+
+def train_row(ctx, row: Row, overrides: list[str]) -> dict:
+    """One short run in a fresh directory; ok when it completes with a finite training loss that
+    agrees with its reference row's, where it has one."""
     from idmap.launch import run
     from idmap.rundir import read_metrics
 
@@ -99,37 +109,46 @@ def train_row(ctx, name: str, overrides: list[str]) -> dict:
             summary = run(compose_config(*overrides), d, choices={})
             metrics = read_metrics(Path(d))
         except Exception as exc:
-            return ctx.add(name, f"failed: {short_error(exc)}", seconds=time.time() - t0)
+            return ctx.add(row.name, f"failed: {short_error(exc)}", seconds=time.time() - t0)
     loss = metrics[-1]["train_loss"] if metrics else math.nan
     ok = summary["status"] == "completed" and math.isfinite(loss)
-    return ctx.add(name, "ok" if ok else f"failed: {summary['status']}, train loss {loss}",
-                   seconds=time.time() - t0, train_loss=loss, images_per_sec=summary.get("images_per_sec"),
-                   peak_mib=summary.get("peak_memory_mb"))
+    status, apart = ("ok" if ok else f"failed: {summary['status']}, train loss {loss}"), None
+    if ok and row.ref:
+        ref = next((i.get("train_loss") for i in ctx.items if i["name"] == row.ref), None)
+        apart = abs(loss - ref) / abs(ref) if ref else None
+        if apart is None or apart > row.rtol:
+            status = f"failed: train loss {loss:.6g} against {ref} in {row.ref!r}, more than {row.rtol:g} apart"
+    return ctx.add(row.name, status, seconds=time.time() - t0, train_loss=loss, apart=apart,
+                   images_per_sec=summary.get("images_per_sec"), peak_mib=summary.get("peak_memory_mb"))
 
 
-def smoke_rows(ctx) -> list[tuple[str, list[str], str]]:
-    """(row, overrides, why it is skipped here or ''): each ordering, each shortcut, a bottleneck
-    net, each speed switch, and the compiled 2-process DDP model (finding 12)."""
+def smoke_rows(ctx) -> list[Row]:
+    """Each ordering, each shortcut, a bottleneck net, each speed switch: every eager row first,
+    so that a compile that runs past the cap costs only compiled rows. A switch that keeps the maths
+    is checked against the row without it; compiled rows use a small net that compiles in seconds,
+    against its eager run (as tests/test_bench.py's GPU test, which the check does not run)."""
     from idmap.models import ORDERINGS, SHORTCUTS
 
     s, cuda_only = ctx.sizes, "" if ctx.cuda else NO_CUDA
     compile_ok = "" if ctx.cuda else NO_COMPILE
-    deep_ckpt = [*s.deep, "model.checkpointing=true"]
-    rows = [(f"ordering {b}", [f"block={b}"], "") for b in ORDERINGS]
-    rows += [(f"shortcut {n}", [f"shortcut={n}"], "") for n in SHORTCUTS]
-    rows += [("bottleneck " + " ".join(s.deep), list(s.deep), ""),
-             ("tf32", ["trainer.precision=tf32"], cuda_only),
-             ("bf16", ["trainer.precision=bf16"], ""),
-             ("channels_last", ["trainer.channels_last=true"], ""),
-             ("fused SGD", ["optim.impl=fused"], ""),
-             ("compile default", ["trainer.compile=default"], compile_ok),
-             ("compile reduce-overhead", ["trainer.compile=reduce-overhead"], cuda_only),
-             ("checkpointing, deep net", deep_ckpt, ""),
-             # Finding 2's combination does not depend on depth; a shallow net compiles in less time.
-             ("compile + checkpointing", ["model.checkpointing=true", "trainer.compile=default"], compile_ok)]
+    ckpt, base, small, small_fast = "model.checkpointing=true", "ordering full_preact", "small net", "small net, fast"
+    rows = [Row(f"ordering {b}", [f"block={b}"]) for b in ORDERINGS]
+    rows += [Row(f"shortcut {n}", [f"shortcut={n}"]) for n in SHORTCUTS]
+    rows += [Row("bottleneck", list(s.deep)),
+             Row("tf32", ["trainer.precision=tf32"], cuda_only),
+             Row("bf16", ["trainer.precision=bf16"]),
+             Row("channels_last", ["trainer.channels_last=true"], ref=base, rtol=SAME),
+             Row("fused SGD", ["optim.impl=fused"], ref=base, rtol=SAME),
+             Row("checkpointing, bottleneck", [*s.deep, ckpt], ref="bottleneck", rtol=SAME),
+             Row(small, list(s.compile_net), compile_ok),  # the compiled rows' references
+             Row(small_fast, [*s.compile_net, *FAST], compile_ok),
+             Row("compile default", [*s.compile_net, "trainer.compile=default"], compile_ok, small, SAME),
+             Row("compile reduce-overhead, fast", [*s.compile_net, *FAST, "trainer.compile=reduce-overhead"],
+                 cuda_only, small_fast, SAME_BF16),
+             Row("compile + checkpointing", [*s.compile_net, ckpt, "trainer.compile=default"], compile_ok, small, SAME)]
     gpus = torch.cuda.device_count() if ctx.cuda else 0
     two = "" if gpus >= 2 else f"skipped: needs 2 GPUs, this machine has {gpus}"
-    rows += [(f"DDP x2 + compile {mode}", ["trainer.world_size=2", f"trainer.compile={mode}"], two)
+    rows += [Row(f"DDP x2 + compile {mode}", ["trainer.world_size=2", f"trainer.compile={mode}"], two)
              for mode in ("reduce-overhead", "max-autotune")]
     return rows
 
@@ -138,13 +157,13 @@ def smoke(ctx) -> None:
     s = ctx.sizes
     base = [*train_overrides(s, s.smoke_iters, s.smoke_iters), *s.resnet20]
     rows = smoke_rows(ctx)
-    for name, overrides, skip in rows:
-        if skip:
-            ctx.add(name, skip)
+    for row in rows:
+        if row.skip:
+            ctx.add(row.name, row.skip)
         elif ctx.left() < 3:
-            ctx.add(name, "skipped: the step's time cap was spent")
+            ctx.add(row.name, "skipped: the step's time cap was spent")
         else:
-            train_row(ctx, name, [*base, *overrides])
+            train_row(ctx, row, [*base, *row.overrides])
     ran = [i for i in ctx.items if not i["status"].startswith("skipped")]
     ctx.headline = f"{sum(i['status'] == 'ok' for i in ran)} of {len(ran)} runs ok, {len(rows) - len(ran)} skipped"
 
@@ -164,18 +183,18 @@ def _signal_after(path: Path, deadline: float) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _difference(a: dict, b: dict) -> tuple[bool, float, float]:
-    """(bit-exact, max |a - b|, ||a - b|| / ||a||) over the model's tensors and momentum buffers."""
+def _difference(a: dict, b: dict) -> tuple[bool, float]:
+    """(bit-exact, max |a - b|) over the model's tensors and momentum buffers."""
     ta = [v for v in a["model"].values()] + [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     tb = [v for v in b["model"].values()] + [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
     exact = all(torch.equal(x, y) for x, y in zip(ta, tb)) and len(ta) == len(tb)
-    fa = [x.double().flatten() for x in ta if x.is_floating_point()]
-    fb = [y.double().flatten() for y in tb if y.is_floating_point()]
-    diff = torch.cat([x - y for x, y in zip(fa, fb)])
-    return exact, diff.abs().max().item(), (diff.norm() / torch.cat(fa).norm()).item()
+    return exact, max((x.double() - y.double()).abs().max().item() for x, y in zip(ta, tb))
 
 
 def resume_pair(ctx, name: str, overrides: list[str]) -> dict:
+    """A run stopped right after a checkpoint and resumed must end bit for bit as the run that was
+    never stopped: deterministic kernels only, since with cuDNN autotuning two uninterrupted runs
+    differ too, and no tolerance tells a broken resume from that."""
     from idmap.checkpoint import load_checkpoint
     from idmap.launch import run
     from idmap.rundir import CHECKPOINT
@@ -194,41 +213,34 @@ def resume_pair(ctx, name: str, overrides: list[str]) -> dict:
     finally:
         signal.signal(signal.SIGTERM, previous)
     run(compose_config(*overrides, "trainer.resume=true"), parts, choices={})
-    exact, max_abs, rel = _difference(load_checkpoint(whole), load_checkpoint(parts))
-    deterministic = "trainer.deterministic=true" in overrides
-    if deterministic:
-        status = "ok" if exact else f"failed: not bit-exact (max |dw| {max_abs:.3g})"
-    else:
-        status = "ok" if rel <= RESUME_RTOL else f"failed: ||dw||/||w|| {rel:.3g} > {RESUME_RTOL}"
-    return ctx.add(name, status, stopped_at=stopped, iterations=ctx.sizes.resume_iters, bit_exact=exact,
-                   max_abs_diff=max_abs, rel_diff=rel, tolerance="bit-exact" if deterministic else RESUME_RTOL)
+    exact, max_abs = _difference(load_checkpoint(whole), load_checkpoint(parts))
+    return ctx.add(name, "ok" if exact else f"failed: not bit-exact (max |dw| {max_abs:.3g})", stopped_at=stopped,
+                   iterations=ctx.sizes.resume_iters, max_abs_diff=max_abs)
 
 
 def resume(ctx) -> None:
-    # cuBLAS reads its workspace setting when it starts: before the first pair, so that the
-    # deterministic pair after it gets cuBLAS's deterministic workspace (runtime.configure sets it too late).
+    # cuBLAS reads its workspace setting when it starts, which is before runtime.configure would set it.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     s = ctx.sizes
-    base = [*train_overrides(s, s.resume_iters, s.resume_every), *s.resnet20,
-            f"trainer.checkpoint_every={s.resume_every}"]
-    # Default settings first: a deterministic run may leave deterministic algorithms switched on.
-    for det in ("false", "true"):
-        name = "deterministic: bit-exact" if det == "true" else "default (cuDNN autotuning): up to rounding"
-        try:
-            resume_pair(ctx, name, [*base, f"trainer.deterministic={det}"])
-        except Exception as exc:
-            ctx.add(name, f"failed: {short_error(exc)}")
-    torch.use_deterministic_algorithms(False)
-    ctx.headline = "; ".join(f"{i['name'].split(':')[0]}: {i['status']}" for i in ctx.items)
+    name = "deterministic: bit-exact"
+    overrides = [*train_overrides(s, s.resume_iters, s.resume_every), *s.resnet20,
+                 f"trainer.checkpoint_every={s.resume_every}", "trainer.deterministic=true"]
+    try:
+        resume_pair(ctx, name, overrides)
+    except Exception as exc:
+        ctx.add(name, f"failed: {short_error(exc)}")
+    finally:
+        torch.use_deterministic_algorithms(False)  # trainer.deterministic=true set it for this process
+    ctx.headline = f"{name}: {ctx.items[-1]['status']}"
 
 
 # --------------------------------------------------------------------------------------------------
-# bench: ghost BN in one pass against the old chunked version (idmap.norm.to_chunked)
+# ghost-bn: ghost BN in one pass against the old chunked version (idmap.norm.to_chunked)
 # --------------------------------------------------------------------------------------------------
 def ghost_bn(ctx) -> None:
     """The trainer's own build and step (plan.time_step) timed twice, the second time with the
     chunked BN swapped in as bench's chunked rows do: only the BN modules differ."""
-    s = ctx.sizes
+    s, speedups = ctx.sizes, []
     for net in (s.resnet20, s.deep):
         cfg = compose_config(*train_overrides(s, 1, 1), *net, "trainer.precision=bf16",
                              "trainer.channels_last=true")
@@ -237,22 +249,25 @@ def ghost_bn(ctx) -> None:
         with _chunked_ghost_bn(True):
             t_old = time_step(cfg, s.ghost_iters, warmup=3)[0]
         ctx.add(label, ms_per_iter_one_pass=1000 * t_new, ms_per_iter_chunked=1000 * t_old, speedup=t_old / t_new)
+        speedups.append(f"{' '.join(net)}: one pass {t_old / t_new:.2f}x chunked")
+    ctx.headline = "; ".join(speedups)
 
 
 # --------------------------------------------------------------------------------------------------
 # fused: N ResNet-20s trained as one model (idmap.fused), aggregate images/s
 # --------------------------------------------------------------------------------------------------
 def fused(ctx) -> None:
+    from idmap.runtime import configure
     from idmap.trainer import DeviceData
 
     s, device = ctx.sizes, _device(ctx)
-    # bf16 and fused SGD as in the packing rows; the stacked 5-D batch stays in the default layout.
-    cfg = compose_config(*train_overrides(s, 1, 1), *s.resnet20, *FAST, "trainer.channels_last=false")
+    cfg = compose_config(*train_overrides(s, 1, 1), *s.resnet20, *PACKED)  # as the packing runs
+    configure(cfg.trainer, cfg.seed)  # the trainer's flags: cuDNN autotuning, TF32 as the precision says
     data = DeviceData(cfg, device, s.batch)
     rates = {}
     for n in s.fused_nets:
         if ctx.left() < 5:
-            ctx.add(f"{n} nets", "skipped: the step's time cap was spent")
+            ctx.add(f"{n} nets as one", "skipped: the step's time cap was spent")
             continue
         try:
             rates[n] = _fused_rate(ctx, cfg, data, n)
@@ -282,13 +297,13 @@ def _fused_rate(ctx, cfg, data, n: int) -> float:
     def step():
         batches = [data.batch(st, s.batch, slice(None)) for st in streams]
         x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
-        with autocast("bf16", device):
+        with autocast(cfg.trainer.precision, device):
             loss = nets.loss(nets(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return n * s.batch / timed(step, device, reps=s.fused_iters, warmup=3)
+    return n * s.batch / step_seconds(step, device, iters=s.fused_iters)
 
 
 def jpeg_cache(ctx) -> None:

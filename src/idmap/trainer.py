@@ -268,6 +268,9 @@ class Loop:
             "test_loss": test_loss, "test_error": test_error,
             "images_per_sec": (done - start_it) * self.t.batch_size / (now - start),
             "elapsed": self.elapsed_before + now - self.t0,
+            # When the window closed, on the wall clock: windows of runs that ran side by side
+            # can then be set against each other (the GPU check's packing rows).
+            "time": time.time(),
         }
         sums.zero_()
         diverged = False
