@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The CPU runs behind docs/results.md, as they were run: two lanes, one training thread each, side by
-# side on a 2-core machine (docs/benchmarks.md, "Training on the CPU", says why this arrangement).
-# Each lane runs its sweeps in order; a sweep folder that exists is resumed (trainer.resume), one
-# that completed is skipped, so the same command continues after an interruption or in a new session
-# where outputs/results survived.
+# The CPU runs behind docs/results.md: the bf16-against-fp32 check, then table 2's five orderings at
+# ResNet-20. `all` runs them one after another; lanes 1 and 2 split them for two runs side by side.
+# A sweep folder that exists is resumed (trainer.resume), its completed jobs skipped, so the same
+# command continues after an interruption, or in a new session where outputs/results survived.
+# Threads per run: OMP_NUM_THREADS (default 1); docs/benchmarks.md, "Training on the CPU", says which
+# arrangement finishes runs soonest.
 #
-#   scripts/cpu_results.sh 1 &    scripts/cpu_results.sh 2 &     (detached: see docs/results.md)
+#   OMP_NUM_THREADS=2 setsid nohup scripts/cpu_results.sh all > outputs/results/all.log 2>&1 &
 #
 # Then `scripts/collect_results.py` copies the completed runs' small files into docs/results/runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${IDMAP_RESULTS_OUT:-outputs/results}
-export OMP_NUM_THREADS=1  # two threads collapse whenever anything else takes a core (docs/benchmarks.md)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # The fastest setting that keeps the paper's algorithm on this CPU (bf16 autocast; docs/results.md
 # holds the bf16-against-fp32 check), on the JPEG copy of CIFAR-10, evaluated every 1,000 iterations.
@@ -34,12 +35,15 @@ ablation() {  # one ordering of the ResNet-20 seed experiment, seed 1, the full 
         trainer.precision=bf16 "${CPU[@]}"
 }
 
+pair() {  # Is bf16 faithful enough? Full pre-activation ResNet-20, 4,000 iterations (LR drops scaled
+         # to 2,000 and 3,000), seeds 1-3, bf16 and fp32.
+    sweep bf16_pair depth=20 block=full_preact seed=1,2,3 trainer.precision=bf16,fp32 \
+        trainer.max_iters=4000 'optim.milestones=[2000,3000]' trainer.eval_every=500 trainer.progress=false "${CPU[@]}"
+}
+
 case "${1:-}" in
+    all) pair; for o in original full_preact relu_before_add bn_after_add relu_only_preact; do ablation $o; done ;;
     1) ablation original; ablation relu_before_add; ablation bn_after_add ;;
-    2) # Is bf16 faithful enough? Full pre-activation ResNet-20, 4,000 iterations (LR drops scaled to
-       # 2,000 and 3,000), seeds 1-3, bf16 and fp32.
-       sweep bf16_pair depth=20 block=full_preact seed=1,2,3 trainer.precision=bf16,fp32 \
-           trainer.max_iters=4000 'optim.milestones=[2000,3000]' trainer.eval_every=500 trainer.progress=false "${CPU[@]}"
-       ablation full_preact; ablation relu_only_preact ;;
-    *) echo "usage: $0 1|2 (the lane to run)" >&2; exit 2 ;;
+    2) pair; ablation full_preact; ablation relu_only_preact ;;
+    *) echo "usage: $0 all|1|2 (all the runs in order, or one of two lanes)" >&2; exit 2 ;;
 esac
