@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import pickle
 from pathlib import Path
 
 import torch
@@ -34,11 +35,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, or objects that are not plain data
-        raise IdmapError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            f"It may be truncated or not written by idmap. Move it aside to start the run afresh, "
-            f"or point at an intact copy"
-        ) from exc
+        # Never torch's own advice for objects that are not plain data: loading them could run code.
+        why = ("it holds objects other than tensors and plain data, which idmap never loads"
+               if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) else one_line(exc)[:200])
+        raise IdmapError(f"checkpoint {path} is unreadable ({why}). It may be truncated or not written by "
+                         f"idmap. Move it aside to start the run afresh, or point at an intact copy") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise IdmapError(f"{path} is not an idmap checkpoint (format {FORMAT})")
     return state

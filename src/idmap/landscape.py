@@ -25,7 +25,7 @@ import torch
 from idmap import IdmapError
 from idmap.checkpoint import load_checkpoint, model_from_state
 from idmap.evaluation import evaluate
-from idmap.rundir import atomic_write
+from idmap.rundir import atomic_write, check_contained
 from idmap.runtime import resolve_device
 
 
@@ -202,7 +202,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.grid < 2:
         p.error("--grid must be at least 2")
-    out = args.out or (args.path if args.path.is_dir() else args.path.parent) / "landscape"
+    out = args.out
+    if out is None:  # inside the run: a link there that leads out of it is not written through
+        run_dir = args.path if args.path.is_dir() else args.path.parent
+        check_contained(run_dir)
+        out = run_dir / "landscape"
 
     def progress(done, total):
         print(f"\rrow {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from idmap import IdmapError, one_line
 from idmap.config import check_config
 from idmap.resume import already_done, composable
-from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, RunInUse, checkpoint_path, has_lock_file,
-                          lock_run_dir, read_summary, results_held, unlock_run_dir)
+from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, RunInUse, check_contained, checkpoint_path,
+                          has_lock_file, lock_run_dir, read_summary, results_held, unlock_run_dir)
 from idmap.runtime import Interrupted, resolve_device
 from idmap.state import RunExists
 from idmap.sweep import record_failure, sweep_progress
@@ -195,6 +195,10 @@ def claim(run_dir: Path, resume: bool) -> bool:
     """Takes `run_dir` for this process (True when newly taken), or refuses, leaving it as it was: a
     folder in use by another run, or holding a run that this start cannot continue (a checkpoint
     without trainer.resume; results without a checkpoint to continue them from)."""
+    try:
+        check_contained(run_dir)  # a link that leads out of it would carry a write elsewhere
+    except IdmapError as exc:
+        raise RunExists(str(exc)) from None
     if not has_lock_file(run_dir):  # checked before the lock file is made: a refusal creates nothing
         _refuse_overwrite(run_dir, resume)
     taken = lock_run_dir(run_dir)

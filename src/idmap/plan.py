@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf, open_dict
 
 from idmap import IdmapError
-from idmap.config import quote_numeric_choices, register_configs
+from idmap.config import check_overrides, quote_numeric_choices, register_configs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # The slowest job's time x MARGIN + SLACK_MIN: evaluations, start-up and a slower node.
@@ -96,9 +96,10 @@ def expand(overrides: Sequence[str]) -> List[tuple]:
         args = [*quote_numeric_choices(list(overrides)), f"hydra.sweep.dir={sweep_dir}"]
         cfg = hydra.compose_config("train", args, run_mode=RunMode.MULTIRUN,
                                    with_log_configuration=False)
+        # Callbacks(): none of the config's is made, as nothing is run (train.py's end-of-sweep one).
         sweeper = Plugins.instance().instantiate_sweeper(
             config=cfg, hydra_context=HydraContext(config_loader=hydra.config_loader,
-                                                   callbacks=Callbacks(cfg)),
+                                                   callbacks=Callbacks()),
             task_function=lambda _: None)
         sweeper.launcher = argparse.Namespace(launch=launch)
         sweeper.validate_batch_is_legal = lambda batch: None  # launch composes every job anyway
@@ -226,6 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from hydra.errors import HydraException
 
     try:
+        check_overrides(args.overrides)  # no option that is a path, unit files only on the search path
         jobs, devices = plan(args.overrides, args.iters, args.warmup)
     except (HydraException, IdmapError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",

@@ -178,7 +178,8 @@ def lock_run_dir(run_dir: Path) -> bool:
         return False
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # O_NOFOLLOW: a symlink planted as .lock must not make or open a file elsewhere.
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
     except OSError as exc:  # a path through a file, no permission, a name too long, a full disk
         raise IdmapError(f"cannot write the run directory {run_dir} ({exc.strerror}); choose another "
                          f"hydra.run.dir") from None
@@ -203,6 +204,20 @@ def unlock_run_dir(run_dir: Path) -> None:
     fd = _HELD.pop(os.path.realpath(run_dir), None)
     if fd is not None:
         os.close(fd)  # closing the last descriptor releases the flock
+
+
+def check_contained(folder: Path) -> None:
+    """A run writes only inside its folder, yet a file written in place follows a symlink (Hydra's
+    train.log, a sweep's multirun.yaml): a link in the folder or its .hydra/ that leads out of it
+    is refused before anything is written (IdmapError naming it)."""
+    folder = Path(folder)
+    root = Path(os.path.realpath(folder))
+    for where in (folder, folder / HYDRA_DIR):  # .hydra/ itself, as a link out, is refused first
+        for entry in sorted(where.iterdir()) if where.is_dir() else []:
+            target = Path(os.path.realpath(entry)) if entry.is_symlink() else root
+            if target != root and root not in target.parents:
+                raise IdmapError(f"{entry} is a link to {os.readlink(entry)}, outside {folder}; nothing is "
+                                 f"written through it: replace the link with the file itself, or remove it")
 
 
 def has_lock_file(run_dir: Path) -> bool:
