@@ -75,10 +75,7 @@ def seed_band(curves: Sequence[List[dict]], key: str) -> Tuple[np.ndarray, np.nd
 
 def collect_rows(dirs: Sequence[Path], table: str) -> Tuple[List[List[List[dict]]], List[str]]:
     """Per line of the report's table that has curves: its seeds' evaluations, and its label."""
-    lines = [l for l in group(TABLES[table], _load(dirs)) if l.runs]
-    many = len({l.setting for l in lines}) > 1
-    return _line_curves(lines, [l.row.key + (f" ({l.data}, {l.protocol}, {l.max_iters})" if many
-                                             else "") for l in lines])
+    return _line_curves([l for l in group(TABLES[table], _load(dirs)) if l.runs])
 
 
 def collect_settings(dirs: Sequence[Path], by: Optional[Sequence[str]] = None
@@ -87,8 +84,7 @@ def collect_settings(dirs: Sequence[Path], by: Optional[Sequence[str]] = None
     between the runs, seeds pooled): its seeds' evaluations, and its label."""
     from idmap.sweeps import sweep
 
-    lines = sweep(_load(dirs), by).lines
-    return _line_curves(lines, [l.row.key for l in lines])
+    return _line_curves(sweep(_load(dirs), by).lines)
 
 
 def _load(dirs: Sequence[Path]):
@@ -98,9 +94,13 @@ def _load(dirs: Sequence[Path]):
     return runs
 
 
-def _line_curves(lines, names: Sequence[str]) -> Tuple[List[List[List[dict]]], List[str]]:
+def _line_curves(lines) -> Tuple[List[List[List[dict]]], List[str]]:
+    """Each line's curves and label: its row or setting, and what its runs trained on where the
+    lines' data, protocol or length differ (a line never pools those, report.group, sweeps.sweep)."""
     rows, labels = [], []
-    for line, name in zip(lines, names):
+    many = len({l.setting for l in lines}) > 1
+    for line in lines:
+        name = line.row.key + (f" ({line.data}, {line.protocol}, {line.max_iters})" if many else "")
         curves = [m for m in (rundir.read_metrics(r.path, _warn) for r in line.runs
                               if rundir.has_metrics(r.path)) if m]
         if curves:
