@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from idmap import IdmapError
 from idmap.models import SHORTCUT_DEFAULTS
@@ -189,6 +190,7 @@ def _rules() -> dict:
     """key -> (test, what is allowed). Choices come from where each choice is implemented."""
     from idmap.data import DATASETS, NORMALIZATIONS
     from idmap.models import SHORTCUTS, UNITS
+    from idmap.runtime import DEVICE
 
     choice = lambda names: (_one_of(*names), "one of " + ", ".join(names))  # noqa: E731
     return {
@@ -228,7 +230,7 @@ def _rules() -> dict:
         "trainer.batch_size": (_int(1), "an integer >= 1"), "trainer.eval_every": (_int(1), "an integer >= 1"),
         "trainer.eval_batch_size": (_int(1), "an integer >= 1"),
         "trainer.checkpoint_every": (_int(1), "an integer >= 1"), "trainer.log_every": (_int(1), "an integer >= 1"),
-        "trainer.device": (lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None,
+        "trainer.device": (lambda v: isinstance(v, str) and DEVICE.fullmatch(v) is not None,
                            "auto, cpu, cuda or cuda:N"),
         "trainer.resume": (lambda v: isinstance(v, bool), "true, false or a run or sweep directory"),
         "trainer.deterministic": _BOOL, "trainer.precision": choice(("fp32", "tf32", "bf16")),
@@ -261,11 +263,10 @@ def _joint(cfg) -> list[tuple[bool, str]]:
     ]
 
 
-def check_config(cfg) -> None:
-    """IdmapError naming the key, its value and what is allowed, for the first bad setting."""
-    from omegaconf import OmegaConf
-
-    from idmap import IdmapError
+def check_config(cfg, choices=None) -> None:
+    """IdmapError naming the key, its value and what is allowed, for the first bad setting; a block
+    file's ordering is checked with the file's name (`choices`: the run's group choices)."""
+    from idmap.orderings import check_config as check_ordering
 
     for key, (ok, allowed) in _rules().items():
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
@@ -279,6 +280,7 @@ def check_config(cfg) -> None:
     for ok, message in _joint(cfg):
         if not ok:
             raise IdmapError(message)
+    check_ordering(cfg.model, (choices or {}).get("block"))
 
 
 def schedule(cfg, num_train: int) -> tuple[float, int, list[int]]:

@@ -11,7 +11,6 @@ and a shaded band from the lowest to the highest seed, so seed noise is seen bes
 With --by, the same per setting of any sweep, grouped as the report's sweep table (idmap.sweeps).
 """
 
-import argparse
 import math
 import sys
 import warnings
@@ -21,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from idmap import rundir
+from idmap import cli, rundir
 from idmap.paper import TABLES
 from idmap.report import group
 from idmap.runs import load_run, load_runs
@@ -167,11 +166,12 @@ def plot(curves: Sequence[List[dict]], labels: Sequence[str], out: Path,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path,
                         help="run or sweep directories (searched recursively)")
-    parser.add_argument("-o", "--out", type=Path, default=Path("curves.png"))
-    parser.add_argument("--ymax", type=float, help="top of the error axis in %% (default: 20 as in "
+    parser.add_argument("-o", "--out", type=cli.figure, default="curves.png",
+                        help="figure file (.png, .pdf, .svg, ...; default curves.png)")
+    parser.add_argument("--ymax", type=cli.number(), help="top of the error axis in %% (default: 20 as in "
                         "the paper's figures, unless no test error gets below it)")
     parser.add_argument("--table", choices=list(TABLES),
                         help="one median curve with a min-max band over seeds per row of this "

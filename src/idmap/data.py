@@ -234,6 +234,10 @@ def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
     files = {c: sorted(_files(str(d / c)), key=lambda e: e.path) for c in classes}
     if not any(files.values()):
         raise IdmapError(f"{d} holds no images; expected {d}/<class>/<image>")
+    empty = [c for c, images in files.items() if not images]
+    if empty:  # a class no image teaches (or tests) would count in the model's outputs all the same
+        raise IdmapError(f"{d / empty[0]} holds no images; add its images or remove the folder (a class "
+                         f"needs images in both train/ and test/)")
     return files
 
 

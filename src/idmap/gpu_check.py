@@ -189,9 +189,12 @@ def cap(budget_end: float, index: int) -> float:
 # The command
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check (default 480)")
+    from idmap import cli
+
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=cli.number(float, 30, strict=False), default=480.0,
+                   help="seconds for the whole check, at least 30 (default 480)")
     p.add_argument("--out", type=Path, default=Path("gpu-check"), help="bundle folder (default gpu-check)")
     p.add_argument("--data", default=os.environ.get("IDMAP_CIFAR10_JPEG"),
                    help="the unpacked JPEG copy of CIFAR-10 (cifar10-jpeg/), for the fidelity pair and "

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from idmap import IdmapError, one_line
+from idmap import IdmapError, bad_input, one_line
 from idmap.config import check_config
 from idmap.resume import already_done, composable
 from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, RunInUse, check_contained, checkpoint_path,
@@ -304,8 +304,9 @@ def main(cfg: DictConfig) -> dict | None:
                       "the run is left as it was" if refused else f"details in {run_dir / SUMMARY}")
             sweep_progress(hc, {"status": "refused" if refused else "failed", "final_test_error": None})
             return None
-        if isinstance(exc, IdmapError):
-            print(f"error: {exc}", file=sys.stderr)
+        line = bad_input(exc)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
         print(f"internal error: {one_line(exc)} (details in {run_dir / SUMMARY}; HYDRA_FULL_ERROR=1 "
               f"shows the traceback)", file=sys.stderr)

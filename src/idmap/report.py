@@ -31,7 +31,6 @@ Whether two rows differ (the methods are in src/idmap/stats.py), only for rows o
 Runs of no paper row go to one sweep table (idmap.sweeps), with these columns and methods.
 """
 
-import argparse
 import csv
 import math
 import statistics
@@ -41,7 +40,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from idmap import IdmapError, stats
+from idmap import IdmapError, cli, stats
 from idmap.paper import FAIL, TABLES, Row, Table
 from idmap.runs import Run, load_runs
 
@@ -384,7 +383,7 @@ def duplicate_seeds(lines: Sequence[Line]) -> Iterator[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path,
                         help="run or sweep directories (searched recursively)")
     parser.add_argument("--table", choices=["auto", *TABLES, "sweep"], default="auto",

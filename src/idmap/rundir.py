@@ -97,6 +97,16 @@ def mark_failed(run_dir: Path, **fields) -> None:
     update_summary(run_dir, status="failed", **fields)
 
 
+def figure_format(path: str | Path) -> str:
+    """The format a figure's file name asks for; IdmapError for one matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt, formats = Path(path).suffix[1:].lower(), FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise IdmapError(f"{path}: no figure format {fmt!r}; end the name in one of {', '.join(sorted(formats))}")
+    return fmt
+
+
 def git_commit() -> str | None:
     """This checkout's commit, "-dirty" when tracked files differ from it; None outside git."""
     root = Path(__file__).resolve().parents[2]

@@ -131,6 +131,11 @@ def sweep(runs: Sequence[Run], by: Optional[Sequence[str]] = None,
     protocol, iterations: as in the paper tables, runs on other data or of other lengths are never
     pooled or compared), each with its baseline's line."""
     keys = list(by) if by else default_keys(runs)
+    unknown = [k for k in keys if all(value(r, k) is None for r in runs)]
+    if runs and unknown:
+        known = dict.fromkeys(k for r in runs for k in recorded(r))
+        raise IdmapError(f"--by {unknown[0]}: no run has this setting; the runs' overrides are "
+                         f"{', '.join(known) or 'none'}")
     groups: Dict[Tuple, List[Run]] = {}
     for run in runs:
         trained_on = (run.data, run.choices.get("protocol", "?"), run.max_iters)

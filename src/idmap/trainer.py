@@ -24,7 +24,6 @@ from idmap import IdmapError, data as datamod
 from idmap.config import check_config, check_schedule, schedule
 from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
-from idmap.orderings import check_config as check_ordering
 from idmap.rundir import CHECKPOINT, RunLog, git_commit
 from idmap.runtime import Interrupted, StopFlag, autocast, configure, memory_format, resolve_device
 from idmap.state import BatchStream, RunExists, TrainState
@@ -111,8 +110,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     """Train one run in `run_dir`; returns its summary. Raises Interrupted after checkpointing when
     signalled, IdmapError for bad input. `choices`: the config group choices the run records."""
     run_dir = Path(run_dir)
-    check_config(cfg)
-    check_ordering(cfg.model, (choices or {}).get("block"))  # a block file's ordering, before any work
+    check_config(cfg, choices)
     device = resolve_device(cfg.trainer.device)
     configure(cfg.trainer, cfg.seed)
     if device.type == "cuda":  # the summary's peak memory is this run's, not the process's
