@@ -29,9 +29,7 @@ def before_hydra_writes(argv: list[str]) -> list[str]:
     before Hydra reads a file for it or writes anything."""
     try:
         check_overrides(argv)
-        argv = quote_numeric_choices(resume_argv(argv))
-        before_hydra(argv)
-        return argv
+        return before_hydra(quote_numeric_choices(resume_argv(argv)))
     except Exception as exc:  # a refused resume, setting, file or run directory
         line = one_line_message(exc) if isinstance(exc, HydraException) else bad_input(exc)
         if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":

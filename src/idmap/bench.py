@@ -390,6 +390,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines + ([""] + notes if notes else [])) + "\n"
     print(text, end="")
     if args.out:
-        args.out.write_text(text)
+        from idmap.rundir import write_output
+
+        write_output(args.out, lambda f: f.write(text), mode="w")
     return 130 if interrupted else 0
 

@@ -149,16 +149,31 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
     return out
 
 
-def compose_config(*overrides: str):
-    """The run config that `python train.py OVERRIDES` gets, for tests, benchmarks and notebooks."""
-    from pathlib import Path
-
+def compose_config(*overrides: str, hydra: bool = False):
+    """The run config that `python train.py OVERRIDES` gets, for tests, benchmarks and notebooks;
+    `hydra`: with its `hydra` node (the run's choices, hydra.run.dir, ...)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return compose(config_name="train", overrides=quote_numeric_choices(list(overrides)))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=quote_numeric_choices(list(overrides)),
+                       return_hydra_config=hydra)
+
+
+def hydra_path(cfg, key: str) -> Optional[Path]:
+    """hydra.run.dir or hydra.sweep.dir of a config composed with its hydra node, resolved as the
+    job will resolve it (${now:...}, ${hydra:runtime.choices.block}); None where only the job can."""
+    from hydra.core.hydra_config import HydraConfig
+
+    instance = HydraConfig.instance()
+    before = instance.cfg
+    try:
+        instance.set_config(cfg)  # for the ${hydra:...} resolver
+        return Path(str(OmegaConf.select(cfg, key)))
+    except Exception:  # e.g. ${hydra.job.id}, set by a launcher
+        return None
+    finally:
+        instance.cfg = before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,13 +343,13 @@ def one_line_message(exc: Exception) -> str:
     return "; ".join(out) or type(exc).__name__
 
 
-def compose_checked(*overrides: str):
+def compose_checked(*overrides: str, hydra: bool = False):
     """compose_config, then check_config: IdmapError with one line for any bad setting."""
     try:
-        cfg = compose_config(*overrides)
+        cfg = compose_config(*overrides, hydra=hydra)
     except Exception as exc:  # a setting Hydra cannot compose: unknown key or option, wrong type
         raise IdmapError(one_line_message(exc)) from exc
-    check_config(cfg)
+    check_config(cfg, cfg.hydra.runtime.choices if hydra else None)
     return cfg
 
 

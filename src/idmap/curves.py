@@ -118,7 +118,7 @@ def _finish(fig, ax, best: float, out: Path, ymax: Optional[float]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    rundir.write_figure(fig, out)
 
 
 def plot_rows(rows: Sequence[List[List[dict]]], labels: Sequence[str], out: Path,

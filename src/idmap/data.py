@@ -289,16 +289,15 @@ def _load_cache(path: Path) -> dict | None:
 
 def _save_cache(path: Path, content: dict, stale: str) -> None:
     """Write atomically (concurrent runs never see half a file) and drop older caches matching `stale`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from idmap.rundir import atomic_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(content, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(content, f))
         for old in path.parent.glob(glob.escape(stale) + "*.pt"):
             if old != path:
                 old.unlink(missing_ok=True)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError, IdmapError) as e:  # torch.save reports a full disk as RuntimeError
         log.warning("could not cache decoded images in %s (%s); set IDMAP_CACHE to a writable folder", path, e)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import json
 import logging
 import re
 import sys
@@ -23,7 +24,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from idmap import IdmapError, cli
 from idmap.checkpoint import fits, load_checkpoint, model_from_state
-from idmap.rundir import atomic_write, checkpoint_path, write_json
+from idmap.rundir import checkpoint_path, write_files
 from idmap.runtime import autocast, memory_format, resolve_device, set_tf32
 
 
@@ -302,15 +303,17 @@ def confusion_figure(result: dict):
 
 
 def write_evaluation(result: dict, out: str | Path) -> tuple[Path, Path]:
-    """evaluation_<slug>.json and confusion_<slug>.png in `out`, written atomically; the slug is the
-    data label's, so evaluations on different data sets sit side by side."""
+    """evaluation_<slug>.json and confusion_<slug>.png in `out`, written as one set (an earlier
+    pair stays whole if either fails); the slug is the data label's, so evaluations on different
+    data sets sit side by side."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = slug(result["data"])
     json_path, png_path = out / f"evaluation_{name}.json", out / f"confusion_{name}.png"
-    write_json(json_path, result)
     fig = confusion_figure(result)
-    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=120))
+    text = json.dumps(result, indent=2, default=str).encode()
+    write_files({json_path: lambda f: f.write(text),
+                 png_path: lambda f: fig.savefig(f, format="png", dpi=120)})
     return json_path, png_path
 
 

@@ -206,8 +206,10 @@ def parse_args(argv):
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.budget < 30:
-        p.error("--budget must be at least 30 seconds")
+    earlier = [name for name in (SUMMARY_MD, RESULTS_JSON, LOGS_TAR) if (args.out / name).exists()]
+    if earlier and not args.child:  # a GPU window's numbers are not overwritten unasked
+        p.error(f"--out {args.out} holds an earlier bundle ({earlier[0]}); choose another --out, or move "
+                f"that one aside")
     return args
 
 

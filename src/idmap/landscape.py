@@ -24,7 +24,7 @@ import torch
 from idmap import IdmapError, cli
 from idmap.checkpoint import fits, load_checkpoint, model_from_state
 from idmap.evaluation import evaluate
-from idmap.rundir import atomic_write, check_contained
+from idmap.rundir import check_contained, write_files
 from idmap.runtime import resolve_device
 
 
@@ -157,26 +157,24 @@ def surface_figure(result: dict, vmax: float = 10.0):
     return fig
 
 
-def _save_png(fig, path: Path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-
-
 def write_landscape(result: dict, outdir: str | Path, vmax: float = 10.0) -> list[Path]:
     """landscape.npz (alphas, betas, loss[i, j] = f(alphas[i], betas[j]), accuracy, meta as JSON),
-    landscape.csv and the two figures, each written atomically."""
+    landscape.csv and the two figures, written as one set: a failure in any leaves an earlier
+    landscape whole, not half replaced."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {k: result[k] for k in ("alphas", "betas", "loss", "accuracy")}
     buf = io.BytesIO()  # np.savez wants a seekable file; the bytes then go in with one atomic write
     np.savez(buf, **arrays, meta=np.array(json.dumps(result["meta"], default=str)))
-    paths = [out / n for n in ("landscape.npz", "landscape.csv", "landscape_contour.png", "landscape_surface.png")]
-    atomic_write(paths[0], lambda f: f.write(buf.getvalue()))
     loss, acc = result["loss"].tolist(), result["accuracy"].tolist()  # Python floats: repr round-trips
     rows = [f"{a!r},{b!r},{loss[i][j]!r},{acc[i][j]!r}"
             for i, a in enumerate(result["alphas"].tolist()) for j, b in enumerate(result["betas"].tolist())]
-    atomic_write(paths[1], lambda f: f.write("\n".join(["alpha,beta,loss,accuracy", *rows]) + "\n"), mode="w")
-    _save_png(contour_figure(result, vmax), paths[2])
-    _save_png(surface_figure(result, vmax), paths[3])
+    csv = ("\n".join(["alpha,beta,loss,accuracy", *rows]) + "\n").encode()
+    figures = contour_figure(result, vmax), surface_figure(result, vmax)
+    paths = [out / n for n in ("landscape.npz", "landscape.csv", "landscape_contour.png", "landscape_surface.png")]
+    write_files({paths[0]: lambda f: f.write(buf.getvalue()), paths[1]: lambda f: f.write(csv),
+                 paths[2]: lambda f: figures[0].savefig(f, format="png", dpi=120),
+                 paths[3]: lambda f: figures[1].savefig(f, format="png", dpi=120)})
     return paths
 
 

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     """`scripts/signals.py` / `idmap-signals`: the figure for untrained nets and trained runs."""
     from idmap.checkpoint import load_model
     from idmap.models import ORDERINGS, build_resnet
-    from idmap.rundir import atomic_write
+    from idmap.rundir import write_figure
     from idmap.runtime import resolve_device
 
     count = cli.number(int, 1, strict=False)
@@ -219,8 +219,6 @@ def main(argv=None) -> int:
     inputs = ", random N(0,1) inputs" if args.blocks else ""
     title = args.title or (f"BN on {stats} statistics ({args.mode} mode){inputs}; "
                            f"dots: inputs of dimension-increasing units")
-    fig = signal_figure(lines, title)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=110))
+    write_figure(signal_figure(lines, title), args.out, dpi=110)
     print(args.out)
     return 0

@@ -106,9 +106,11 @@ def build(cfg: DictConfig, data: DeviceData, device: torch.device, world_size: i
 
 
 def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int = 1,
-          choices: dict | None = None) -> dict:
+          choices: dict | None = None, on_start=None) -> dict:
     """Train one run in `run_dir`; returns its summary. Raises Interrupted after checkpointing when
-    signalled, IdmapError for bad input. `choices`: the config group choices the run records."""
+    signalled, IdmapError for bad input. `choices`: the config group choices the run records.
+    `on_start`: called by rank 0 once every check has passed and the state is built or restored
+    (launch.py records the run's settings then, so a refused start or resume changes no record)."""
     run_dir = Path(run_dir)
     check_config(cfg, choices)
     device = resolve_device(cfg.trainer.device)
@@ -120,6 +122,8 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     state, model = build(cfg, data, device, world_size)
     state.resume_from(run_dir / CHECKPOINT, cfg.trainer.resume, rank)
     loop = Loop(cfg, run_dir, state, model, data, rank, world_size)
+    if on_start is not None and rank == 0:
+        on_start()
     summary = new_summary(cfg, state.model, data.info, device, loop.max_iters, choices or {})
     status, signum = loop.run()
     metrics = state.metrics
