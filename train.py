@@ -14,8 +14,8 @@ import hydra  # noqa: E402
 
 from hydra.errors import HydraException  # noqa: E402
 
-from idmap import IdmapError  # noqa: E402
-from idmap.config import one_line_message, quote_numeric_choices, register_configs  # noqa: E402
+from idmap import bad_input  # noqa: E402
+from idmap.config import check_overrides, one_line_message, quote_numeric_choices, register_configs  # noqa: E402
 from idmap.launch import before_hydra  # noqa: E402
 from idmap.resume import resume_argv  # noqa: E402
 
@@ -23,16 +23,18 @@ register_configs()
 
 
 def before_hydra_writes(argv: list[str]) -> list[str]:
-    """The command line Hydra gets, once the run it names is checked and claimed; bad input ends
-    here with one line and exit code 2, before Hydra writes anything."""
+    """The command line Hydra gets, once the files it names are checked (no path for an option,
+    unit files only on the search path, a run's record replaying only this project's settings)
+    and the run it names is checked and claimed; bad input ends here with one line and exit code 2,
+    before Hydra reads a file for it or writes anything."""
     try:
-        argv = quote_numeric_choices(resume_argv(argv))
-        before_hydra(argv)
-        return argv
-    except (IdmapError, HydraException) as exc:  # a refused resume, setting or run directory
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        check_overrides(argv)
+        return before_hydra(quote_numeric_choices(resume_argv(argv)))
+    except Exception as exc:  # a refused resume, setting, file or run directory
+        line = one_line_message(exc) if isinstance(exc, HydraException) else bad_input(exc)
+        if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {one_line_message(exc)}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
 
 

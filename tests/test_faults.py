@@ -112,13 +112,14 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 def test_disk_full_while_checkpointing_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "iteration": 1})
+    config = {"model": {}, "shortcut": {}, "dataset": {}, "trainer": {}}
+    save_checkpoint(path, {"model": {"w": torch.ones(2)}, "iteration": 1, "config": config, "num_classes": 2})
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(IdmapError, match="disk full while writing .*checkpoint.pt.*trainer.resume=true"):
+    with pytest.raises(IdmapError, match="disk full while writing .*checkpoint.pt.*previous version of it is intact"):
         save_checkpoint(path, {"model": {"w": torch.zeros(2)}, "iteration": 2})
     assert load_checkpoint(path)["iteration"] == 1
 

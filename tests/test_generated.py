@@ -3,6 +3,7 @@ types, out-of-range numbers, nan and inf, empty strings, unknown choices), each 
 that names what is wrong, a non-zero exit and no traceback."""
 
 import dataclasses
+import math
 import subprocess
 import sys
 import typing
@@ -11,7 +12,7 @@ import pytest
 from conftest import ROOT, TINY
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from idmap import IdmapError
+from idmap import IdmapError, cli
 from idmap.config import Config, _rules, compose_checked
 
 
@@ -98,3 +99,51 @@ def test_train_py_refuses_a_random_bad_setting_before_writing_anything(tmp_path_
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not run_dir.exists()
+
+
+# ---- the tools' command-line flags (issue 33) ----------------------------------------------------
+# Per tool: the rest of a command line, and each flag with what it allows (cli.number's kinds: an
+# integer >= low, a finite number > low or >= low; or a device name). Any other value is refused at
+# parsing: one line naming the flag, exit code 2, nothing run or written.
+TOOLS = {
+    "landscape": (["{dir}"], {"--grid": ("int", 2), "--samples": ("int", 1), "--batch": ("int", 1),
+                              "--seed": ("int", 0), "--range": (">", 0), "--vmax": (">", 0), "--device": None}),
+    "signals": (["--blocks", "original", "-o", "{dir}/s.png"], {"--batch": ("int", 1), "--seed": ("int", 0),
+                                                                "--depths": ("int", 1), "--device": None}),
+    "evaluate": (["{dir}"], {"--batch-size": ("int", 1), "--device": None}),
+    "curves": (["{dir}", "-o", "{dir}/c.png"], {"--ymax": (">", 0)}),
+    "plan": (["seed=1"], {"--iters": ("int", 1), "--warmup": ("int", 0)}),
+    "gpu_check": (["--rehearse", "--out", "{dir}/bundle"], {"--budget": (">=", 30)}),
+    "bench": (["--device", "cpu", "--num-train", "1000000"], {"--iters": ("int", 1), "--warmup": ("int", 1),
+                                                              "--batch-size": ("int", 1), "--num-train": ("int", 1)}),
+}
+FLAGS = [(tool, flag) for tool, (_, flags) in TOOLS.items() for flag in flags]
+NUMBERS = st.one_of(st.sampled_from(["nan", "inf", "-inf", "abc", "", "1e999", "0x10", "--"]),
+                    st.integers(-10**6, 40).map(str), st.floats(-1e6, 40, allow_nan=False).map(repr))
+DEVICES = st.sampled_from(["tpu", "cuda:x", "cuda:", "gpu0", "CPU", " cpu", "cpu,cuda"])
+_examples = iter(range(10**6))
+
+
+def _allowed(kind, value: str) -> bool:
+    try:
+        v = int(value) if kind[0] == "int" else float(value)
+    except ValueError:
+        return False
+    return math.isfinite(v) and (v > kind[1] if kind[0] == ">" else v >= kind[1])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(FLAGS), NUMBERS, DEVICES)
+def test_each_tools_flags_refuse_a_bad_value_in_one_line_before_any_work(tmp_path, capsys, case, number, device):
+    tool, flag = case
+    rest, flags = TOOLS[tool]
+    value = device if flags[flag] is None else number
+    if flags[flag] is not None and _allowed(flags[flag], value):
+        return  # an allowed value: nothing to refuse
+    work = tmp_path / f"work{next(_examples)}"
+    work.mkdir()
+    argv = [a.format(dir=work) for a in rest] + [f"{flag}={value}"]
+    assert getattr(cli, tool)(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and flag in err[0], err
+    assert list(work.iterdir()) == []  # nothing written, nothing run

@@ -71,9 +71,13 @@ def test_a_checkpoint_that_does_not_fit_the_run_is_named(run_copy, damage):
         state["config"] = [1, 2]
     torch.save(state, path)
     summary = (run_copy / "summary.json").read_bytes()
+    record = {p: p.read_bytes() for p in (run_copy / ".hydra").iterdir()}
     _refused(run_train(f"trainer.resume={run_copy}", "trainer.max_iters=6", check=False),
              f"checkpoint {path}", "does not fit")
     assert (run_copy / "summary.json").read_bytes() == summary  # still the completed run
+    # Its record of its settings too (issue 33: Hydra had rewritten it with trainer.max_iters=6 by
+    # then, so that every later plain resume of the run would have asked for that).
+    assert {p: p.read_bytes() for p in (run_copy / ".hydra").iterdir()} == record
 
 
 def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path):

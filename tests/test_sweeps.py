@@ -22,7 +22,7 @@ _counter = iter(range(10**6))
 
 
 def fake_job(sweep_dir: Path, overrides: list, error: float, seed: int, block="full_preact",
-             status="completed", folder=None, metrics=None) -> Path:
+             status="completed", folder=None, metrics=None, max_iters=40, data="synthetic") -> Path:
     """A made-up sweep job in the trainer's and Hydra's formats: its summary, and the overrides
     Hydra records; the folder name says nothing (settings come from the record)."""
     d = sweep_dir / (folder or f"job_{next(_counter)}")
@@ -31,8 +31,8 @@ def fake_job(sweep_dir: Path, overrides: list, error: float, seed: int, block="f
     (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in record))
     (d / ".hydra" / "config.yaml").write_text(
         f"model:\n  block: {block}\n  depth: 8\noptim:\n  lr: 0.1\nseed: {seed}\n")
-    summary = {"status": status, "final_test_error": error, "max_iters": 40, "seed": seed,
-               "dataset": {"name": "synthetic", "label": "synthetic"},
+    summary = {"status": status, "final_test_error": error, "max_iters": max_iters, "seed": seed,
+               "dataset": {"name": data, "label": data},
                "choices": {"block": block, "shortcut": "identity", "depth": "110",
                            "dataset": "synthetic", "protocol": "paper"}}
     (d / "summary.json").write_text(json.dumps(summary))
@@ -57,11 +57,11 @@ def md_rows(out: str) -> dict:
 LR_WORSE = {"0.1": [6.0, 6.2, 6.1, 6.3, 6.4], "0.05": [7.0, 7.2, 7.1, 7.3, 7.4]}
 
 
-def lr_sweep(root: Path, errors=LR_WORSE, extra=("dataset=synthetic",)) -> Path:
+def lr_sweep(root: Path, errors=LR_WORSE, extra=("dataset=synthetic",), max_iters=40) -> Path:
     d = root / "sweep"
     for lr, errs in errors.items():
         for seed, e in enumerate(errs, 1):
-            fake_job(d, [*extra, f"optim.lr={lr}"], e, seed)
+            fake_job(d, [*extra, f"optim.lr={lr}"], e, seed, max_iters=max_iters)
     return d
 
 
@@ -171,6 +171,27 @@ def test_seeds_needed_for_each_undecided_comparison(tmp_path, capsys):
            "seeds needed per row 5" in out
 
 
+def test_the_sweep_table_never_compares_runs_on_other_data_or_of_other_lengths(tmp_path, capsys):
+    # Issue 33: these were pooled, one line per rate, and compared with p-values.
+    sweep = tmp_path / "sweep"
+    for lr, errors in {"0.1": [6.0, 6.2, 6.1], "0.05": [7.0, 7.2, 7.1]}.items():
+        for seed, e in enumerate(errors, 1):
+            fake_job(sweep, [f"optim.lr={lr}"], e, seed)
+            fake_job(sweep, [f"optim.lr={lr}"], e + 20, seed, max_iters=400)
+    fake_job(sweep, ["optim.lr=0.1"], 30.0, 1, data="CIFAR-10")
+    code, out, _ = report(capsys, sweep)
+    assert code == 0
+    rows = [[c.strip() for c in r.strip("|").split("|")] for r in out.splitlines() if r.startswith("| optim.lr")]
+    assert sorted((r[0], r[1], r[3], r[6]) for r in rows) == [
+        ("optim.lr=0.05", "synthetic", "40", "3/3"), ("optim.lr=0.05", "synthetic", "400", "3/3"),
+        ("optim.lr=0.1", "CIFAR-10", "40", "1/1"), ("optim.lr=0.1", "synthetic", "40", "3/3"),
+        ("optim.lr=0.1", "synthetic", "400", "3/3")]
+    compared = {(r[0], r[1], r[3]): r[-1] for r in rows}
+    assert compared[("optim.lr=0.1", "CIFAR-10", "40")] == ""  # its baseline has no runs on that data
+    assert compared[("optim.lr=0.05", "synthetic", "400")] == "baseline"
+    assert compared[("optim.lr=0.1", "synthetic", "400")].startswith("no difference shown at 3 seeds")
+
+
 def test_parse_setting_keeps_list_values_whole():
     assert parse_setting("model.widths=[8,16,32],optim.lr=0.1") == {
         "model.widths": "[8, 16, 32]", "optim.lr": "0.1"}  # as the config prints it
@@ -189,7 +210,7 @@ def test_next_numbers_the_seeds_after_each_lines_own_and_merges_a_grid(tmp_path,
 @pytest.mark.slow
 def test_next_prints_a_runnable_command_whose_runs_a_second_report_pools(tmp_path, capsys):
     tiny = [o for o in TINY if not o.startswith("trainer.max_iters")] + ["trainer.max_iters=20"]
-    d = lr_sweep(tmp_path, {"0.1": [10.0, 11.0, 12.0], "0.05": [12.0, 13.0, 14.0]}, extra=tiny)
+    d = lr_sweep(tmp_path, {"0.1": [10.0, 11.0, 12.0], "0.05": [12.0, 13.0, 14.0]}, extra=tiny, max_iters=20)
     _, out, _ = report(capsys, d, "--next")
     (command,) = [l for l in out.splitlines() if l.startswith("python train.py -m")]
     args = shlex.split(command)[2:]

@@ -1,6 +1,13 @@
 """idmap: every residual unit of 'Identity Mappings in Deep Residual Networks', trained as the paper."""
 
+import errno
+
 __version__ = "0.1.0"
+
+# OS errors that are the user's input or environment, not a bug: a path that does not exist or is a
+# file, a folder that cannot be written, a name too long, a full disk.
+BAD_PLACE = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+             errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT, errno.EEXIST, errno.ELOOP}
 
 
 class IdmapError(Exception):
@@ -11,3 +18,13 @@ def one_line(exc: BaseException) -> str:
     """An unexpected exception as one line: its type and the first line of its message."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+
+
+def bad_input(exc: BaseException) -> str | None:
+    """The one line that reports `exc` as bad input (exit code 2, train.py and every script), or
+    None when it is no such thing: a bug (exit code 1)."""
+    if isinstance(exc, IdmapError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in BAD_PLACE:
+        return (f"{exc.filename}: " if exc.filename else "") + (exc.strerror or str(exc))
+    return None

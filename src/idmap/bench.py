@@ -296,7 +296,10 @@ def plan(args, device: torch.device, depth: int) -> tuple[list[Setting], dict[st
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    from idmap import cli
+    from idmap.config import check_overrides
+
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="settings:\n  " + "\n  ".join(BY_NAME))
     p.add_argument("--depths", type=int, nargs="+", default=[20, 110, 164, 1001])
@@ -319,6 +322,7 @@ def parse_args(argv):
         p.error("--iters, --warmup, --batch-size and --num-train must be positive, --workers >= 0")
     if args.batch_size > args.num_train:
         p.error("--batch-size is larger than --num-train")
+    check_overrides([f"block={args.block}"])  # a name, never a path to some YAML
     return args
 
 
@@ -368,6 +372,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines + ([""] + notes if notes else [])) + "\n"
     print(text, end="")
     if args.out:
-        args.out.write_text(text)
+        from idmap.rundir import write_output
+
+        write_output(args.out, lambda f: f.write(text), mode="w")
     return 130 if interrupted else 0
 

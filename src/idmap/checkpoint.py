@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import pickle
 from pathlib import Path
 
 import torch
@@ -27,33 +28,41 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The checkpoint of a run directory or checkpoint file."""
+    """The checkpoint of a run directory or checkpoint file: its model's weights, its run config
+    (model, shortcut, dataset and trainer sections) and its number of classes at least."""
     path = checkpoint_path(path)
     if not path.is_file():
         raise IdmapError(f"no checkpoint at {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, or objects that are not plain data
-        raise IdmapError(
-            f"checkpoint {path} is unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            f"It may be truncated or not written by idmap. Move it aside to start the run afresh, "
-            f"or point at an intact copy"
-        ) from exc
+        # Never torch's own advice for objects that are not plain data: loading them could run code.
+        why = ("it holds objects other than tensors and plain data, which idmap never loads"
+               if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) else one_line(exc)[:200])
+        raise IdmapError(f"checkpoint {path} is unreadable ({why}). It may be truncated or not written by "
+                         f"idmap. Move it aside to start the run afresh, or point at an intact copy") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise IdmapError(f"{path} is not an idmap checkpoint (format {FORMAT})")
+    config = state.get("config")
+    if not (isinstance(config, dict) and isinstance(state.get("num_classes"), int)
+            and all(isinstance(config.get(k), dict) for k in ("model", "shortcut", "dataset", "trainer"))):
+        raise IdmapError(_not_fitting(path, "it holds no run config and number of classes"))
     return state
+
+
+def _not_fitting(path: str | Path, why: str) -> str:
+    return (f"checkpoint {checkpoint_path(path)} does not fit ({why}); it was written for another model or by "
+            f"another program: point at the run's own checkpoint, or move it aside to start the run afresh")
 
 
 @contextlib.contextmanager
 def fits(path: str | Path):
-    """Restoring from the checkpoint at `path`: one that lacks a key, holds weights of another shape
-    or values of another type becomes an IdmapError naming the file."""
+    """Restoring from the checkpoint at `path`, or reading its config: one that lacks a key, holds
+    weights of another shape or values of another type becomes an IdmapError naming the file."""
     try:
         yield
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-        raise IdmapError(f"checkpoint {checkpoint_path(path)} does not fit ({one_line(exc)[:300]}); it was "
-                         f"written for another model or by another program: point at the run's own "
-                         f"checkpoint, or move it aside to start the run afresh") from exc
+        raise IdmapError(_not_fitting(path, one_line(exc)[:300])) from exc
 
 
 def model_from_state(state: dict, path: str | Path = "the checkpoint") -> torch.nn.Module:

@@ -4,17 +4,13 @@ instead of a traceback unless --debug is given."""
 
 from __future__ import annotations
 
-import errno
+import argparse
 import importlib
+import math
 import sys
 from typing import Callable, Sequence
 
-from idmap import IdmapError, one_line
-
-# OS errors that are the user's input or environment: a path that does not exist or is a file, a
-# folder that cannot be written, a name too long, a full disk.
-_BAD_PLACE = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
-              errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT, errno.EEXIST}
+from idmap import IdmapError, bad_input, one_line
 
 
 def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
@@ -29,15 +25,68 @@ def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str] | N
     except Exception as exc:
         if debug:
             raise
-        if isinstance(exc, IdmapError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        if isinstance(exc, OSError) and exc.errno in _BAD_PLACE:
-            where = f"{exc.filename}: " if exc.filename else ""
-            print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        line = bad_input(exc)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
             return 2
         print(f"internal error: {one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: a bad flag is bad input like any other, one line and exit code 2
+    (run_command), not argparse's usage text."""
+
+    def error(self, message: str):
+        raise IdmapError(f"{message} ({self.prog} --help lists the options)")
+
+    def _get_values(self, action, arg_strings):
+        # argparse (Python 3.11 at least) drops a value "--" (`--iters=--`) and hands the option an
+        # empty list, past its type: a value like any other that is not allowed.
+        if arg_strings == ["--"] and action.option_strings:
+            self.error(f"argument {'/'.join(action.option_strings)}: '--' is not allowed")
+        return super()._get_values(action, arg_strings)
+
+
+def number(kind: type = float, low: float = 0, strict: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite `kind` (int or float) above `low` (at least `low` unless strict),
+    e.g. number(int, 1, strict=False) for a count of at least 1."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+            ok = math.isfinite(value) and (value > low if strict else value >= low)
+        except (ValueError, OverflowError):
+            ok = False
+        if not ok:
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; it must be {what} "
+                                             f"{'>' if strict else '>='} {low:g}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: a device name as trainer.device takes it (auto, cpu, cuda, cuda:N)."""
+    from idmap.runtime import DEVICE
+
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is no device; use auto, cpu, cuda or cuda:N")
+    return text
+
+
+def figure(text: str):
+    """An argparse type: a figure file whose name ends in a format matplotlib writes."""
+    from pathlib import Path
+
+    from idmap.rundir import figure_format
+
+    try:
+        figure_format(text)
+    except IdmapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return Path(text)
 
 
 def _entry(module: str) -> Callable[..., int]:

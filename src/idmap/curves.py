@@ -11,7 +11,6 @@ and a shaded band from the lowest to the highest seed, so seed noise is seen bes
 With --by, the same per setting of any sweep, grouped as the report's sweep table (idmap.sweeps).
 """
 
-import argparse
 import math
 import sys
 import warnings
@@ -21,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from idmap import rundir
+from idmap import cli, rundir
 from idmap.paper import TABLES
 from idmap.report import group
 from idmap.runs import load_run, load_runs
@@ -75,10 +74,7 @@ def seed_band(curves: Sequence[List[dict]], key: str) -> Tuple[np.ndarray, np.nd
 
 def collect_rows(dirs: Sequence[Path], table: str) -> Tuple[List[List[List[dict]]], List[str]]:
     """Per line of the report's table that has curves: its seeds' evaluations, and its label."""
-    lines = [l for l in group(TABLES[table], _load(dirs)) if l.runs]
-    many = len({l.setting for l in lines}) > 1
-    return _line_curves(lines, [l.row.key + (f" ({l.data}, {l.protocol}, {l.max_iters})" if many
-                                             else "") for l in lines])
+    return _line_curves([l for l in group(TABLES[table], _load(dirs)) if l.runs])
 
 
 def collect_settings(dirs: Sequence[Path], by: Optional[Sequence[str]] = None
@@ -87,8 +83,7 @@ def collect_settings(dirs: Sequence[Path], by: Optional[Sequence[str]] = None
     between the runs, seeds pooled): its seeds' evaluations, and its label."""
     from idmap.sweeps import sweep
 
-    lines = sweep(_load(dirs), by).lines
-    return _line_curves(lines, [l.row.key for l in lines])
+    return _line_curves(sweep(_load(dirs), by).lines)
 
 
 def _load(dirs: Sequence[Path]):
@@ -98,9 +93,13 @@ def _load(dirs: Sequence[Path]):
     return runs
 
 
-def _line_curves(lines, names: Sequence[str]) -> Tuple[List[List[List[dict]]], List[str]]:
+def _line_curves(lines) -> Tuple[List[List[List[dict]]], List[str]]:
+    """Each line's curves and label: its row or setting, and what its runs trained on where the
+    lines' data, protocol or length differ (a line never pools those, report.group, sweeps.sweep)."""
     rows, labels = [], []
-    for line, name in zip(lines, names):
+    many = len({l.setting for l in lines}) > 1
+    for line in lines:
+        name = line.row.key + (f" ({line.data}, {line.protocol}, {line.max_iters})" if many else "")
         curves = [m for m in (rundir.read_metrics(r.path, _warn) for r in line.runs
                               if rundir.has_metrics(r.path)) if m]
         if curves:
@@ -119,7 +118,7 @@ def _finish(fig, ax, best: float, out: Path, ymax: Optional[float]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    rundir.write_figure(fig, out)
 
 
 def plot_rows(rows: Sequence[List[List[dict]]], labels: Sequence[str], out: Path,
@@ -167,11 +166,12 @@ def plot(curves: Sequence[List[dict]], labels: Sequence[str], out: Path,
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path,
                         help="run or sweep directories (searched recursively)")
-    parser.add_argument("-o", "--out", type=Path, default=Path("curves.png"))
-    parser.add_argument("--ymax", type=float, help="top of the error axis in %% (default: 20 as in "
+    parser.add_argument("-o", "--out", type=cli.figure, default="curves.png",
+                        help="figure file (.png, .pdf, .svg, ...; default curves.png)")
+    parser.add_argument("--ymax", type=cli.number(), help="top of the error axis in %% (default: 20 as in "
                         "the paper's figures, unless no test error gets below it)")
     parser.add_argument("--table", choices=list(TABLES),
                         help="one median curve with a min-max band over seeds per row of this "

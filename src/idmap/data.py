@@ -234,6 +234,10 @@ def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
     files = {c: sorted(_files(str(d / c)), key=lambda e: e.path) for c in classes}
     if not any(files.values()):
         raise IdmapError(f"{d} holds no images; expected {d}/<class>/<image>")
+    empty = [c for c, images in files.items() if not images]
+    if empty:  # a class no image teaches (or tests) would count in the model's outputs all the same
+        raise IdmapError(f"{d / empty[0]} holds no images; add its images or remove the folder (a class "
+                         f"needs images in both train/ and test/)")
     return files
 
 
@@ -285,16 +289,15 @@ def _load_cache(path: Path) -> dict | None:
 
 def _save_cache(path: Path, content: dict, stale: str) -> None:
     """Write atomically (concurrent runs never see half a file) and drop older caches matching `stale`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from idmap.rundir import atomic_write
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(content, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(content, f))
         for old in path.parent.glob(glob.escape(stale) + "*.pt"):
             if old != path:
                 old.unlink(missing_ok=True)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError, IdmapError) as e:  # torch.save reports a full disk as RuntimeError
         log.warning("could not cache decoded images in %s (%s); set IDMAP_CACHE to a writable folder", path, e)
 
 

@@ -4,10 +4,10 @@ chunks, on the data's device. The trainer, the loss landscape and `scripts/evalu
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import functools
+import json
 import logging
 import re
 import sys
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint, model_from_state
-from idmap.rundir import atomic_write, checkpoint_path, write_json
+from idmap import IdmapError, cli
+from idmap.checkpoint import fits, load_checkpoint, model_from_state
+from idmap.rundir import checkpoint_path, write_files
 from idmap.runtime import autocast, memory_format, resolve_device, set_tf32
 
 
@@ -107,6 +107,9 @@ def _group(name: str) -> DictConfig:
 
 def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """(group names from `dataset=NAME`, `KEY=VALUE` fields from `dataset.KEY=VALUE`)."""
+    from idmap.config import check_overrides
+
+    check_overrides(overrides)  # dataset=NAME is a name, never a path to some YAML
     groups, fields = [], []
     for arg in overrides:
         key, sep, value = arg.partition("=")
@@ -226,25 +229,27 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), data_di
     from idmap import data as datamod
 
     ckpt = checkpoint_path(Path(path))
+    dev = resolve_device(device)
     state = load_checkpoint(ckpt)  # IdmapError when missing or unreadable
-    run_cfg = state["config"]
-    run_ds = _schema(run_cfg["dataset"])
+    run_cfg, k = state["config"], state["num_classes"]
+    with fits(ckpt):  # the run's own settings, as the checkpoint recorded them
+        run_ds = _schema(run_cfg["dataset"])
+        trainer = OmegaConf.create(run_cfg["trainer"])
+        precision, batch_size = str(trainer.precision), batch_size or int(trainer.eval_batch_size)
+        channels_last = bool(trainer.channels_last)
     eval_ds = dataset_config(run_cfg["dataset"], overrides, data_dir, label)
     inputs = load_inputs(run_ds, eval_ds)
-    data, k = inputs.data, state["num_classes"]
+    data = inputs.data
     check_classes(k, inputs.run_classes, data)
-    trainer = OmegaConf.create(run_cfg["trainer"])
-    batch_size = batch_size or trainer.eval_batch_size
-    dev = resolve_device(device)
     # The run's matmul/convolution precision, as runtime.configure sets it; not its deterministic
     # mode, which would refuse the confusion matrix's bincount on CUDA.
-    set_tf32(trainer.precision)
-    fmt = memory_format(trainer.channels_last)
+    set_tf32(precision)
+    fmt = memory_format(channels_last)
     model = _model(state).to(dev).to(memory_format=fmt)
     prepare = functools.partial(datamod.model_input, mean=inputs.mean.to(dev), std=inputs.std.to(dev),
                                 memory_format=fmt)  # as the trainer's DeviceData.prepare
     result = evaluate(model, data.test_x.to(dev), data.test_y.to(dev), batch_size, prepare,
-                      autocast(trainer.precision, dev), num_classes=k)
+                      autocast(precision, dev), num_classes=k)
     confusion = result.confusion.cpu()
     return {
         "data": data.label,
@@ -262,7 +267,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), data_di
         "dataset": OmegaConf.to_container(eval_ds),
         "run_data": run_ds.label or run_ds.name,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "precision": trainer.precision,
+        "precision": precision,
         "batch_size": batch_size,
         "torch_version": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -298,15 +303,17 @@ def confusion_figure(result: dict):
 
 
 def write_evaluation(result: dict, out: str | Path) -> tuple[Path, Path]:
-    """evaluation_<slug>.json and confusion_<slug>.png in `out`, written atomically; the slug is the
-    data label's, so evaluations on different data sets sit side by side."""
+    """evaluation_<slug>.json and confusion_<slug>.png in `out`, written as one set (an earlier
+    pair stays whole if either fails); the slug is the data label's, so evaluations on different
+    data sets sit side by side."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = slug(result["data"])
     json_path, png_path = out / f"evaluation_{name}.json", out / f"confusion_{name}.png"
-    write_json(json_path, result)
     fig = confusion_figure(result)
-    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=120))
+    text = json.dumps(result, indent=2, default=str).encode()
+    write_files({json_path: lambda f: f.write(text),
+                 png_path: lambda f: fig.savefig(f, format="png", dpi=120)})
     return json_path, png_path
 
 
@@ -331,7 +338,7 @@ def format_evaluation(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`scripts/evaluate.py`: exit 0, or 2 with one line on stderr for bad input."""
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         description="Test error, loss, per-class error and confusion matrix of a checkpoint.",
         epilog="Overrides: dataset=NAME (a conf/dataset/ file) and dataset.KEY=VALUE, e.g. "
                "dataset=cifar10_jpeg dataset.root=/data/cifar10-jpeg")
@@ -339,12 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="dataset...=VALUE", help="data set to evaluate on")
     p.add_argument("--data", type=Path, help="an image folder (DIR/test/<class>/*) with the run's classes")
     p.add_argument("--label", help="what to call the evaluation data (also names the output files)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, help="default: the run's trainer.eval_batch_size")
+    p.add_argument("--device", default="auto", type=cli.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=cli.number(int, 1, strict=False),
+                   help="default: the run's trainer.eval_batch_size")
     p.add_argument("-o", "--out", type=Path, help="output folder (default: the checkpoint's folder)")
     args = p.parse_intermixed_args(argv)  # overrides may come after options
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error("--batch-size must be positive")
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # data loading says what takes time
     try:
         result = evaluate_checkpoint(args.path, args.overrides, args.data, args.label, args.device,

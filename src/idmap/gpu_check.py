@@ -227,11 +227,14 @@ def plan_table() -> str:
 # The command
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from idmap import cli
+
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", type=int, choices=(1, 2), default=1,
                    help="which call: 1 (default) or 2, for the steps that do not fit in the first")
-    p.add_argument("--budget", type=float, help="seconds for the steps (default: the sum of the part's caps)")
+    p.add_argument("--budget", type=cli.number(float, 30, strict=False),
+                   help="seconds for the steps, at least 30 (default: the sum of the part's caps)")
     p.add_argument("--out", type=Path, default=Path("gpu-check"), help="bundle folder (default gpu-check)")
     p.add_argument("--data", default=os.environ.get("IDMAP_CIFAR10_JPEG"),
                    help="the unpacked JPEG copy of CIFAR-10 (cifar10-jpeg/), for the fidelity pair "
@@ -241,8 +244,10 @@ def parse_args(argv):
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.budget is not None and args.budget < 30:
-        p.error("--budget must be at least 30 seconds")
+    earlier = [name for name in (SUMMARY_MD, RESULTS_JSON, LOGS_TAR) if (args.out / name).exists()]
+    if earlier and not args.child:  # a GPU window's numbers are not overwritten unasked
+        p.error(f"--out {args.out} holds an earlier bundle ({earlier[0]}); choose another --out, or move "
+                f"that one aside")
     return args
 
 

@@ -12,7 +12,6 @@ direction, as Li et al. do ("ignore BN"). BN runs in eval mode with theta*'s run
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import io
 import json
@@ -22,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint, model_from_state
+from idmap import IdmapError, cli
+from idmap.checkpoint import fits, load_checkpoint, model_from_state
 from idmap.evaluation import evaluate
-from idmap.rundir import atomic_write
+from idmap.rundir import check_contained, write_files
 from idmap.runtime import resolve_device
 
 
@@ -100,6 +99,9 @@ def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int 
     state = load_checkpoint(path)
     model = model_from_state(state, path).to(dev).eval()  # one line naming the file if it does not fit
     cfg = state["config"]
+    with fits(path):  # what the figures' titles say, from the checkpoint's config
+        about = {"depth": cfg["model"]["depth"], "block": cfg["model"]["block"], "shortcut": cfg["shortcut"]["name"],
+                 "dataset": cfg["dataset"].get("label") or cfg["dataset"]["name"]}  # e.g. "CIFAR-10 (JPEG copy)"
     x, y = (t.to(dev) for t in training_images(cfg, samples))
     gen = torch.Generator().manual_seed(seed)
     params = list(model.parameters())
@@ -112,9 +114,7 @@ def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int 
         "grid": points, "range": extent, "device": str(dev), "torch": torch.__version__,
         "started": start.isoformat(timespec="seconds"),
         "seconds": (datetime.datetime.now(datetime.timezone.utc) - start).total_seconds(),
-        "depth": cfg["model"]["depth"], "block": cfg["model"]["block"], "shortcut": cfg["shortcut"]["name"],
-        "dataset": cfg["dataset"].get("label") or cfg["dataset"]["name"],  # e.g. "CIFAR-10 (JPEG copy)"
-        "directions": "Li et al. 2018 filter-normalized Gaussian; 1-D parameters (BN, biases) fixed",
+        **about, "directions": "Li et al. 2018 filter-normalized Gaussian; 1-D parameters (BN, biases) fixed",
         "config": cfg,
     }
     return dict(alphas=alphas, betas=betas, loss=loss, accuracy=accuracy, meta=meta)
@@ -157,26 +157,24 @@ def surface_figure(result: dict, vmax: float = 10.0):
     return fig
 
 
-def _save_png(fig, path: Path) -> None:
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-
-
 def write_landscape(result: dict, outdir: str | Path, vmax: float = 10.0) -> list[Path]:
     """landscape.npz (alphas, betas, loss[i, j] = f(alphas[i], betas[j]), accuracy, meta as JSON),
-    landscape.csv and the two figures, each written atomically."""
+    landscape.csv and the two figures, written as one set: a failure in any leaves an earlier
+    landscape whole, not half replaced."""
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     arrays = {k: result[k] for k in ("alphas", "betas", "loss", "accuracy")}
     buf = io.BytesIO()  # np.savez wants a seekable file; the bytes then go in with one atomic write
     np.savez(buf, **arrays, meta=np.array(json.dumps(result["meta"], default=str)))
-    paths = [out / n for n in ("landscape.npz", "landscape.csv", "landscape_contour.png", "landscape_surface.png")]
-    atomic_write(paths[0], lambda f: f.write(buf.getvalue()))
     loss, acc = result["loss"].tolist(), result["accuracy"].tolist()  # Python floats: repr round-trips
     rows = [f"{a!r},{b!r},{loss[i][j]!r},{acc[i][j]!r}"
             for i, a in enumerate(result["alphas"].tolist()) for j, b in enumerate(result["betas"].tolist())]
-    atomic_write(paths[1], lambda f: f.write("\n".join(["alpha,beta,loss,accuracy", *rows]) + "\n"), mode="w")
-    _save_png(contour_figure(result, vmax), paths[2])
-    _save_png(surface_figure(result, vmax), paths[3])
+    csv = ("\n".join(["alpha,beta,loss,accuracy", *rows]) + "\n").encode()
+    figures = contour_figure(result, vmax), surface_figure(result, vmax)
+    paths = [out / n for n in ("landscape.npz", "landscape.csv", "landscape_contour.png", "landscape_surface.png")]
+    write_files({paths[0]: lambda f: f.write(buf.getvalue()), paths[1]: lambda f: f.write(csv),
+                 paths[2]: lambda f: figures[0].savefig(f, format="png", dpi=120),
+                 paths[3]: lambda f: figures[1].savefig(f, format="png", dpi=120)})
     return paths
 
 
@@ -189,20 +187,24 @@ def read_landscape(path: str | Path) -> dict:
 
 def main(argv=None) -> int:
     """`scripts/landscape.py` / `idmap-landscape`."""
-    p = argparse.ArgumentParser(description="Loss landscape around a trained run (Li et al. 2018).")
+    count = cli.number(int, 1, strict=False)
+    p = cli.ArgumentParser(description="Loss landscape around a trained run (Li et al. 2018).")
     p.add_argument("path", type=Path, help="run directory or checkpoint file")
-    p.add_argument("--grid", type=int, default=21, help="points per axis (odd: the centre is theta* itself)")
-    p.add_argument("--range", type=float, default=1.0, dest="extent", help="alpha, beta in [-range, range]")
-    p.add_argument("--samples", type=int, default=2048, help="a fixed random subset of N training images")
-    p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0, help="seed of the two random directions")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--vmax", type=float, default=10.0, help="loss at which the plots stop (Li et al.: 10)")
+    p.add_argument("--grid", type=cli.number(int, 2, strict=False), default=21,
+                   help="points per axis, at least 2 (odd: the centre is theta* itself)")
+    p.add_argument("--range", type=cli.number(), default=1.0, dest="extent", help="alpha, beta in [-range, range]")
+    p.add_argument("--samples", type=count, default=2048, help="a fixed random subset of N training images")
+    p.add_argument("--batch", type=count, default=512)
+    p.add_argument("--seed", type=cli.number(int, 0, strict=False), default=0, help="seed of the two random directions")
+    p.add_argument("--device", default="auto", type=cli.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--vmax", type=cli.number(), default=10.0, help="loss at which the plots stop (Li et al.: 10)")
     p.add_argument("-o", "--out", type=Path, help="output folder (default: RUN_DIR/landscape)")
     args = p.parse_args(argv)
-    if args.grid < 2:
-        p.error("--grid must be at least 2")
-    out = args.out or (args.path if args.path.is_dir() else args.path.parent) / "landscape"
+    out = args.out
+    if out is None:  # inside the run: a link there that leads out of it is not written through
+        run_dir = args.path if args.path.is_dir() else args.path.parent
+        check_contained(run_dir)
+        out = run_dir / "landscape"
 
     def progress(done, total):
         print(f"\rrow {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ directory is resume.py's, sweep bookkeeping sweep.py's."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -16,14 +17,15 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from idmap import IdmapError, one_line
+from idmap import IdmapError, bad_input, one_line
 from idmap.config import check_config
-from idmap.resume import already_done, composable
-from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, RunInUse, checkpoint_path, has_lock_file,
-                          lock_run_dir, read_summary, results_held, unlock_run_dir)
+from idmap.resume import already_done, composable, quoted
+from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, RunInUse, check_contained, checkpoint_path,
+                          has_lock_file, lock_run_dir, read_summary, results_held, unlock_run_dir,
+                          write_hydra_record)
 from idmap.runtime import Interrupted, resolve_device
 from idmap.state import RunExists
-from idmap.sweep import record_failure, sweep_progress
+from idmap.sweep import note_failed_resume, record_failure, sweep_progress
 from idmap.trainer import train
 
 log = logging.getLogger("idmap")
@@ -91,18 +93,19 @@ def _shared_gpu(processes: int, gpus: int) -> str:
             f"--ntasks-per-node), or give each task its own GPU (--gpus-per-task=1)")
 
 
-def _spawned(rank: int, world_size: int, cfg_dict: dict, run_dir: str, port: int, choices: dict) -> None:
+def _spawned(rank: int, world_size: int, cfg_dict: dict, run_dir: str, port: int, choices: dict,
+             on_start=None) -> None:
     cfg = OmegaConf.create(cfg_dict)
     _start_group(cfg.trainer.device, rank, rank, world_size, f"tcp://127.0.0.1:{port}")
     try:
-        train(cfg, run_dir, rank, world_size, choices)
+        train(cfg, run_dir, rank, world_size, choices, on_start)
     except Interrupted:
         pass
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
+def _spawn(cfg: DictConfig, run_dir: Path, choices: dict, on_start=None) -> dict:
     """`trainer.world_size` data-parallel processes on this machine, one run directory."""
     import socket
 
@@ -119,14 +122,15 @@ def _spawn(cfg: DictConfig, run_dir: Path, choices: dict) -> dict:
         port = s.getsockname()[1]
     load_dataset(cfg.dataset)  # fetch (or decode and cache) once here, so the ranks do not race
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    mp.spawn(_spawned, args=(world_size, cfg_dict, str(run_dir), port, choices), nprocs=world_size, join=True)
+    mp.spawn(_spawned, args=(world_size, cfg_dict, str(run_dir), port, choices, on_start), nprocs=world_size,
+             join=True)
     summary = read_summary(run_dir)
     if summary["status"] == "interrupted":
         raise Interrupted(signal.SIGTERM)
     return summary
 
 
-def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, int, int]) -> dict:
+def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, int, int], on_start=None) -> dict:
     """This process is one rank of a group a launcher started (torchrun, SLURM tasks). Rank 0's run
     directory is everyone's: each process composed its own, and time-stamped names may differ."""
     rank, local_rank, world_size = group
@@ -147,7 +151,7 @@ def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, i
         if rank and not _same_dir(shared[0], run_dir):
             _remove_stray(run_dir)
             run_dir = Path(shared[0])
-        return train(cfg, run_dir, rank, world_size, choices)
+        return train(cfg, run_dir, rank, world_size, choices, on_start)
     finally:
         dist.destroy_process_group()
 
@@ -169,20 +173,23 @@ def _remove_stray(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None, on_start=None) -> dict:
     """Train one run: in this process, in the process group a launcher started, or in
     `trainer.world_size` processes spawned here. Returns the summary. The run directory is this
-    run's alone while it runs: rank 0 (or the process that spawns the ranks) holds its lock."""
+    run's alone while it runs: rank 0 (or the process that spawns the ranks) holds its lock.
+    `on_start`: called by rank 0 once the trainer has accepted the start (trainer.train)."""
     run_dir, choices = Path(run_dir), hydra_choices() if choices is None else choices
     group = external_group()
     owner = not group or group[0] == 0
     locked = claim(run_dir, bool(cfg.trainer.resume)) if owner else False
     try:
         if group:
-            return _in_group(cfg, run_dir, choices, group)
+            return _in_group(cfg, run_dir, choices, group, on_start)
         if cfg.trainer.world_size > 1:
-            return _spawn(cfg, run_dir, choices)
-        return train(cfg, run_dir, choices=choices)
+            return _spawn(cfg, run_dir, choices, on_start)
+        return train(cfg, run_dir, choices=choices, on_start=on_start)
+    except DiskFull as exc:  # what to do next depends on what the run has written
+        raise DiskFull(f"{exc}, {next_step(run_dir)}") from exc
     finally:
         if locked:
             unlock_run_dir(run_dir)
@@ -195,6 +202,10 @@ def claim(run_dir: Path, resume: bool) -> bool:
     """Takes `run_dir` for this process (True when newly taken), or refuses, leaving it as it was: a
     folder in use by another run, or holding a run that this start cannot continue (a checkpoint
     without trainer.resume; results without a checkpoint to continue them from)."""
+    try:
+        check_contained(run_dir)  # a link that leads out of it would carry a write elsewhere
+    except IdmapError as exc:
+        raise RunExists(str(exc)) from None
     if not has_lock_file(run_dir):  # checked before the lock file is made: a refusal creates nothing
         _refuse_overwrite(run_dir, resume)
     taken = lock_run_dir(run_dir)
@@ -221,22 +232,57 @@ def _refuse_overwrite(run_dir: Path, resume: bool) -> None:
                         f"run directory")
 
 
-def before_hydra(argv: list[str]) -> None:
-    """A single run's settings checked, and a named hydra.run.dir claimed, before Hydra composes
-    and writes its .hydra/ there: bad input is one line, and a refused start leaves even the run's
-    record of its settings as it was. The lock stays held for the life of this process (the Hydra
-    task finds it held). Sweeps check and claim each job's folder in the job; time-stamped folders
-    (the default, or names with interpolations) are new."""
-    from idmap.config import compose_checked
+def next_step(run_dir: Path) -> str:
+    """What a run stopped by its environment (a full disk) should do next, from what it wrote."""
+    if checkpoint_path(run_dir).is_file():
+        return f"then continue it with trainer.resume={run_dir}"
+    if results_held(run_dir):  # refused without a checkpoint: a run's results are never overwritten
+        return "then start it again in another run directory (it wrote no checkpoint to continue from)"
+    return "then start it again"
 
-    if any(a.startswith("-") for a in argv) or int(os.environ.get("RANK", 0)):
-        return  # -m, --help, --cfg ...: Hydra's; rank > 0 of a group: rank 0 checks and claims
-    if any(a.lstrip("+").startswith("experiment=") for a in argv) and "hydra.mode=RUN" not in argv:
-        return  # an experiment is a sweep (hydra.mode=MULTIRUN) unless told otherwise
-    cfg = compose_checked(*composable(argv))
-    named = [a.split("=", 1)[1].strip("'\"") for a in argv if a.startswith("hydra.run.dir=")]
-    if named and "$" not in named[-1]:
-        claim(Path(named[-1]), bool(cfg.trainer.resume))
+
+def check_can_make(folder: Path, setting: str) -> None:
+    """IdmapError naming `setting` unless `folder` exists or can be made: its nearest existing
+    ancestor a writable folder, each name short enough. Nothing is made."""
+    path = Path(folder).absolute()
+    why = next((f"the name {p[:40]}... is too long" for p in path.parts if len(os.fsencode(p)) > 255), None)
+    ancestor = path
+    while why is None and not ancestor.exists():
+        ancestor = ancestor.parent
+    if why is None and not ancestor.is_dir():
+        why = f"{ancestor} is not a folder"
+    elif why is None and not os.access(ancestor, os.W_OK | os.X_OK):
+        why = f"{ancestor} cannot be written"
+    if why:
+        raise IdmapError(f"cannot make {folder} ({why}); choose another {setting}")
+
+
+def before_hydra(argv: list[str]) -> list[str]:
+    """A single run's settings checked, and its run directory resolved (${now:...} included) and
+    claimed, before Hydra composes and writes there: bad input is one line, and a refused start
+    leaves the folder as it was. Returns the command line with that folder as hydra.run.dir, so
+    that Hydra uses the one claimed; the lock stays held for the life of this process (the Hydra
+    task finds it held). A sweep's folder is only checked to be makeable: its jobs check and
+    claim their own."""
+    from idmap.config import compose_checked, compose_config, hydra_path
+
+    flags = {a for a in argv if a.startswith("-")}
+    if flags - {"-m", "--multirun"} or int(os.environ.get("RANK", 0)):
+        return argv  # --help, --cfg ...: Hydra's; rank > 0 of a group: rank 0 checks and claims
+    # An experiment is a sweep (hydra.mode=MULTIRUN) unless told otherwise.
+    if flags or (any(a.lstrip("+").startswith("experiment=") for a in argv) and "hydra.mode=RUN" not in argv):
+        sweep_dir = hydra_path(compose_config(*[a for a in argv if a.startswith("hydra.sweep.dir=")], hydra=True),
+                               "hydra.sweep.dir")
+        if sweep_dir is not None:
+            check_can_make(sweep_dir, "hydra.sweep.dir")
+        return argv
+    named = [a for a in argv if a.startswith("hydra.run.dir=")]
+    cfg = compose_checked(*composable(argv), *named[-1:], hydra=True)
+    run_dir = hydra_path(cfg, "hydra.run.dir")
+    if run_dir is None:  # an interpolation only Hydra's job can resolve: the job claims it
+        return argv
+    claim(run_dir, bool(cfg.trainer.resume))
+    return [*[a for a in argv if a not in named], f"hydra.run.dir={quoted(run_dir)}"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +300,10 @@ def main(cfg: DictConfig) -> dict | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    # hydra.output_subdir is null: the run's .hydra/ record is written once the trainer has accepted
+    # the start (rundir.write_hydra_record), with the texts Hydra would have written by now.
+    record = functools.partial(write_hydra_record, run_dir, OmegaConf.to_yaml(cfg),
+                               OmegaConf.to_yaml(HydraConfig.instance().cfg), OmegaConf.to_yaml(hc.overrides.task))
     if multirun:
         cfg.trainer.progress = False
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -268,7 +318,7 @@ def main(cfg: DictConfig) -> dict | None:
         with pin_job_to_gpu(cfg.gpu_pool) as device:
             if device is not None:
                 cfg.trainer.device = device
-            summary = run(cfg, run_dir)
+            summary = run(cfg, run_dir, on_start=record)
         if int(os.environ.get("RANK", 0)):  # one process of a group: rank 0 reports the run
             return summary
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
@@ -293,6 +343,8 @@ def main(cfg: DictConfig) -> dict | None:
         refused = isinstance(exc, (RunExists, RunInUse))
         if not refused:  # a refused start leaves the run it found as it was
             record_failure(run_dir, cfg, exc, hydra_choices())
+        if multirun and not isinstance(exc, RunInUse):  # a completed job not continued: the sweep's end says so
+            note_failed_resume(run_dir, exc)
         if full_error:
             raise
         if multirun:
@@ -300,8 +352,9 @@ def main(cfg: DictConfig) -> dict | None:
                       "the run is left as it was" if refused else f"details in {run_dir / SUMMARY}")
             sweep_progress(hc, {"status": "refused" if refused else "failed", "final_test_error": None})
             return None
-        if isinstance(exc, IdmapError):
-            print(f"error: {exc}", file=sys.stderr)
+        line = bad_input(exc)
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
             sys.exit(2)
         print(f"internal error: {one_line(exc)} (details in {run_dir / SUMMARY}; HYDRA_FULL_ERROR=1 "
               f"shows the traceback)", file=sys.stderr)

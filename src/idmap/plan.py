@@ -28,10 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf, open_dict
 
-from idmap import IdmapError
-from idmap.config import quote_numeric_choices, register_configs
-
-CONF = Path(__file__).resolve().parents[2] / "conf"
+from idmap import IdmapError, cli
+from idmap.config import CONF, check_config, check_overrides, quote_numeric_choices, register_configs
 # The slowest job's time x MARGIN + SLACK_MIN: evaluations, start-up and a slower node.
 MARGIN, SLACK_MIN = 1.25, 10
 # Training images of the data sets whose size the config does not say (epochs -> iterations).
@@ -86,6 +84,10 @@ def expand(overrides: Sequence[str]) -> List[tuple]:
             task.pop("hydra")
             task = OmegaConf.create(task)
             OmegaConf.resolve(task)
+            try:  # what train.py would refuse, refused here too
+                check_config(task, job_cfg.hydra.runtime.choices)
+            except IdmapError as exc:
+                raise IdmapError(f"job {num} ({' '.join(map(str, job))}): {exc}") from None
             jobs.append((list(map(str, job)), task, max(tasks, int(task.trainer.world_size))))
         return [JobReturn(status=JobStatus.COMPLETED, _return_value=None) for _ in batch]
 
@@ -96,9 +98,10 @@ def expand(overrides: Sequence[str]) -> List[tuple]:
         args = [*quote_numeric_choices(list(overrides)), f"hydra.sweep.dir={sweep_dir}"]
         cfg = hydra.compose_config("train", args, run_mode=RunMode.MULTIRUN,
                                    with_log_configuration=False)
+        # Callbacks(): none of the config's is made, as nothing is run (train.py's end-of-sweep one).
         sweeper = Plugins.instance().instantiate_sweeper(
             config=cfg, hydra_context=HydraContext(config_loader=hydra.config_loader,
-                                                   callbacks=Callbacks(cfg)),
+                                                   callbacks=Callbacks()),
             task_function=lambda _: None)
         sweeper.launcher = argparse.Namespace(launch=launch)
         sweeper.validate_batch_is_legal = lambda batch: None  # launch composes every job anyway
@@ -213,19 +216,19 @@ def as_json(jobs: Sequence[Job], devices: Sequence[str]) -> Dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="as for train.py -m (e.g. +experiment=table2)")
-    parser.add_argument("--iters", type=int, default=20, help="timed steps per distinct model")
-    parser.add_argument("--warmup", type=int, default=5, help="steps before timing, not counted")
+    parser.add_argument("--iters", type=cli.number(int, 1, strict=False), default=20,
+                        help="timed steps per distinct model")
+    parser.add_argument("--warmup", type=cli.number(int, 0, strict=False), default=5,
+                        help="steps before timing, not counted")
     parser.add_argument("--json", action="store_true", help="the plan as JSON, for scripts")
     args = parser.parse_args([a for a in (sys.argv[1:] if argv is None else argv)
                               if a not in ("-m", "--multirun")])
-    if args.iters < 1 or args.warmup < 0:
-        print("error: --iters must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
     from hydra.errors import HydraException
 
     try:
+        check_overrides(args.overrides)  # no option that is a path, unit files only on the search path
         jobs, devices = plan(args.overrides, args.iters, args.warmup)
     except (HydraException, IdmapError, ValueError) as exc:
         print(f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",

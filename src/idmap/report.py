@@ -31,8 +31,8 @@ Whether two rows differ (the methods are in src/idmap/stats.py), only for rows o
 Runs of no paper row go to one sweep table (idmap.sweeps), with these columns and methods.
 """
 
-import argparse
 import csv
+import io
 import math
 import statistics
 import sys
@@ -41,7 +41,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from idmap import IdmapError, stats
+from idmap import IdmapError, cli, stats
 from idmap.paper import FAIL, TABLES, Row, Table
 from idmap.runs import Run, load_runs
 
@@ -356,23 +356,27 @@ def markdown(table: Table, lines: Sequence[Line], seeds_needed: bool = False,
 
 
 def write_csv(path: Path, lines: Sequence[Line]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["table", "row", "case", "data", "paper_data", "protocol", "max_iters", "paper",
-                    "median", "mean", "std", "finished", "runs", "fails", "flag",
-                    "median_lo", "median_hi", "median_coverage", "baseline", "diff", "diff_lo",
-                    "diff_hi", "p_value", "verdict"])
-        for line in lines:
-            summary = ("" if x is None else x for x in (line.median, line.mean, line.std))
-            reference = "" if line.row.reference is None else line.row.reference
-            interval = line.median_interval or ("", "", "")
-            c = line.comparison
-            compared = ("", "", "", "") if c is None else (c.diff, *(c.interval or ("", "")), c.p)
-            w.writerow([line.table.name, line.row.key, line.row.label, line.data or "",
-                        line.paper_data if line.runs else "", line.protocol or "",
-                        line.max_iters or "", reference, *summary, len(line.outcomes),
-                        len(line.runs), line.fails, line.flag, *interval,
-                        line.baseline.row.key if line.baseline else "", *compared, line.verdict])
+    """The lines as CSV, written as every output is (rundir.write_output: atomic, never a run's file)."""
+    from idmap.rundir import write_output
+
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(["table", "row", "case", "data", "paper_data", "protocol", "max_iters", "paper",
+                "median", "mean", "std", "finished", "runs", "fails", "flag",
+                "median_lo", "median_hi", "median_coverage", "baseline", "diff", "diff_lo",
+                "diff_hi", "p_value", "verdict"])
+    for line in lines:
+        summary = ("" if x is None else x for x in (line.median, line.mean, line.std))
+        reference = "" if line.row.reference is None else line.row.reference
+        interval = line.median_interval or ("", "", "")
+        c = line.comparison
+        compared = ("", "", "", "") if c is None else (c.diff, *(c.interval or ("", "")), c.p)
+        w.writerow([line.table.name, line.row.key, line.row.label, line.data or "",
+                    line.paper_data if line.runs else "", line.protocol or "",
+                    line.max_iters or "", reference, *summary, len(line.outcomes),
+                    len(line.runs), line.fails, line.flag, *interval,
+                    line.baseline.row.key if line.baseline else "", *compared, line.verdict])
+    write_output(path, lambda out: out.write(f.getvalue()), mode="w")
 
 
 def duplicate_seeds(lines: Sequence[Line]) -> Iterator[str]:
@@ -384,7 +388,7 @@ def duplicate_seeds(lines: Sequence[Line]) -> Iterator[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", type=Path,
                         help="run or sweep directories (searched recursively)")
     parser.add_argument("--table", choices=["auto", *TABLES, "sweep"], default="auto",

@@ -4,13 +4,14 @@ computes is refused here, before Hydra writes anything into it."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.rundir import (MULTIRUN, hydra_config_path, hydra_overrides_path, override_key, read_hydra_config,
-                          read_overrides, read_summary, read_sweep_plan)
+from idmap.rundir import (MULTIRUN, check_contained, hydra_config_path, hydra_overrides_path, override_key,
+                          read_hydra_config, read_overrides, read_summary, read_sweep_plan, run_dirs)
 from idmap.state import RESUMABLE, settings_changed
 
 
@@ -57,7 +58,7 @@ def _last_per_key(overrides: list[str]) -> list[str]:
     return [o for o in overrides if last[override_key(o)] is o]
 
 
-def _quoted(path: Path) -> str:
+def quoted(path: Path) -> str:
     """A path as a quoted Hydra override value: commas, brackets or '=' in it stay part of it."""
     return "'" + str(path).replace("'", "\\'") + "'"
 
@@ -65,7 +66,7 @@ def _quoted(path: Path) -> str:
 def _resume_run(path: Path, rest: list[str]) -> list[str]:
     if any(a in ("-m", "--multirun") for a in rest):
         raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
-    own = [o for o in read_overrides(path) if not o.startswith("trainer.resume=")]
+    own = _replayed(read_overrides(path), hydra_overrides_path(path))
     args = _last_per_key([*own, *rest, "trainer.resume=true"])
     task = composable(args)
     new = _refuse_other_settings(path, task)
@@ -74,7 +75,7 @@ def _resume_run(path: Path, rest: list[str]) -> list[str]:
                          f"extend it with trainer.epochs=N")
     _refuse_shortening(path, new)
     # hydra.mode=RUN: a job of an experiment sweep (+experiment=... sets MULTIRUN) resumes as one run.
-    return [*args, "hydra.mode=RUN", f"hydra.run.dir={_quoted(path)}"]
+    return [*args, "hydra.mode=RUN", f"hydra.run.dir={quoted(path)}"]
 
 
 def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
@@ -85,12 +86,31 @@ def _resume_sweep(path: Path, rest: list[str]) -> list[str]:
         raise IdmapError(f"{', '.join(changed)} would change what the runs of {path} compute; only how "
                          f"they run may change on resuming (e.g. trainer.max_iters)")
     overrides = plan["overrides"]
-    own = [o for o in overrides["task"] if not o.startswith("trainer.resume=")]
+    own = _replayed(overrides["task"], path / MULTIRUN)
     # The sweep's own launcher settings (partition, account, n_jobs, ...) and job folder names.
-    launcher = [o for o in overrides["hydra"] if not o.startswith(("hydra.sweep.", "hydra.run.", "hydra.mode"))]
-    subdir = plan["sweep"]["subdir"]
+    launcher = _replayed([o for o in overrides["hydra"] if not o.startswith(("hydra.sweep.", "hydra.run.",
+                                                                              "hydra.mode"))], path / MULTIRUN)
+    subdir = str(plan["sweep"]["subdir"])
+    if not _SUBDIR.fullmatch(subdir):  # a job folder of ../.. would be written outside the sweep
+        raise IdmapError(f"{path / MULTIRUN}: hydra.sweep.subdir {subdir!r} is not a job folder name "
+                         f"(letters, digits, _.- and ${{hydra.job.num}}, ${{hydra:runtime.choices.GROUP}})")
+    for folder in [path, *(d for d in run_dirs([path]) if d != path)]:  # Hydra writes in them first
+        check_contained(folder)
     return ["-m", *_last_per_key([*own, *launcher, *rest, "trainer.resume=true"]),
-            f"hydra.sweep.dir={_quoted(path)}", f"hydra.sweep.subdir={subdir}"]
+            f"hydra.sweep.dir={quoted(path)}", f"hydra.sweep.subdir={subdir}"]
+
+
+# Names a sweep's job folders may have: the job's number and group choices (which are names).
+_SUBDIR = re.compile(r"(?!\.)([\w.-]|\$\{hydra\.job\.(num|id)\}|\$\{hydra:runtime\.choices\.\w+\})+")
+
+
+def _replayed(overrides: list[str], record: Path) -> list[str]:
+    """A record's overrides to replay, but a resume it asked for: only this project's settings,
+    as config.check_overrides allows a record (IdmapError naming the file otherwise)."""
+    from idmap.config import check_overrides
+
+    check_overrides(overrides, record)
+    return [o for o in overrides if not o.startswith("trainer.resume=")]
 
 
 def _runs_differently(override: str) -> bool:

@@ -13,6 +13,7 @@ the previous version intact. Readers (report, plots, landscape, signals, evaluat
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -21,10 +22,11 @@ import math
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from idmap import IdmapError
+from idmap import BAD_PLACE, IdmapError
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint.pt"
 HYDRA_DIR = ".hydra"  # Hydra's record of the composed config and the command-line overrides
@@ -41,25 +43,41 @@ os.umask(_UMASK)
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
+class DiskFull(IdmapError):
+    """The disk filled while a file was written; its previous version is intact."""
+
+
+def write_files(files: dict, mode: str = "wb") -> None:
+    """Writes {path: write(f)} as one set: each to a temporary file in its folder (fsync), then all
+    renamed over their paths, so a failure (a full disk, a bug in a figure) leaves the earlier set
+    whole, and a symlink at a path is replaced, never written through."""
+    temps: dict[Path, str] = {}
+    path = None
+    try:
+        for path, write in files.items():
+            path = Path(path)
+            fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(temps[path], 0o666 & ~_UMASK)  # mkstemp makes files 0600; give them the usual mode
+        for path, tmp in list(temps.items()):
+            os.replace(tmp, path)
+            del temps[path]
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(f"disk full while writing {path}; the previous version of it is intact: free "
+                           "some space") from exc
+        raise
+    finally:
+        for tmp in temps.values():  # none renamed yet, or a rename failed
+            Path(tmp).unlink(missing_ok=True)
+
+
 def atomic_write(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write via a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files 0600; give them the usual mode
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise IdmapError(
-                f"disk full while writing {path}; the previous version of it is intact. "
-                "Free some space and continue with trainer.resume=true"
-            ) from exc
-        raise
+    write_files({Path(path): write}, mode)
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -97,6 +115,47 @@ def mark_failed(run_dir: Path, **fields) -> None:
     update_summary(run_dir, status="failed", **fields)
 
 
+def write_hydra_record(run_dir: Path, config: str, hydra: str, overrides: str) -> None:
+    """The run's record of its settings, the YAML texts Hydra would write into .hydra/, as one set
+    of atomic writes once the run has started (launch.py): a start or resume refused before that
+    leaves the record it found, and a full disk leaves no torn one."""
+    texts = {HYDRA_CONFIG: config, Path(HYDRA_DIR) / "hydra.yaml": hydra, HYDRA_OVERRIDES: overrides}
+    (Path(run_dir) / HYDRA_DIR).mkdir(exist_ok=True)
+    write_files({Path(run_dir) / name: (lambda f, t=text: f.write(t)) for name, text in texts.items()}, "w")
+
+
+def _run_file(path: Path) -> bool:  # a file of a run directory or of a sweep folder
+    return (path.name in (SUMMARY, METRICS, CHECKPOINT, LOCK, HYDRA_LOG, MULTIRUN) or path.parent.name == HYDRA_DIR
+            or path.name.startswith("events.out.tfevents."))
+
+
+def write_output(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """An output the user named (a report's CSV, a figure): atomic, its folder made, and never one
+    of a run's own files (`--csv RUN/summary.json` would replace the run's result)."""
+    path = Path(path)
+    if _run_file(path):
+        raise IdmapError(f"{path}: {path.name} is a run's own file name, and an output never replaces "
+                         "one; choose another file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write, mode)
+
+
+def figure_format(path: str | Path) -> str:
+    """The format a figure's file name asks for; IdmapError for one matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt, formats = Path(path).suffix[1:].lower(), FigureCanvasBase.get_supported_filetypes()
+    if fmt not in formats:
+        raise IdmapError(f"{path}: no figure format {fmt!r}; end the name in one of {', '.join(sorted(formats))}")
+    return fmt
+
+
+def write_figure(fig, path: str | Path, dpi: int = 120) -> None:
+    """A matplotlib figure in the format its file name says, written as every output is."""
+    fmt = figure_format(path)
+    write_output(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+
+
 def git_commit() -> str | None:
     """This checkout's commit, "-dirty" when tracked files differ from it; None outside git."""
     root = Path(__file__).resolve().parents[2]
@@ -120,6 +179,13 @@ LAYOUT = {"paper (figures 1 and 6)": {"error (%): train and test": ["error/train
                                       "loss: train and test": ["loss/train", "loss/test"]}}
 
 
+def _quiet_writer_thread(args, hook=threading.excepthook) -> None:
+    # TensorBoard's writer thread keeps a failed write for the writer's next call, which RunLog
+    # reports in one line; the thread's own traceback would only repeat it.
+    if type(args.thread).__name__ != "_AsyncWriterThread" or not issubclass(args.exc_type, OSError):
+        hook(args)
+
+
 class RunLog:
     """Rank 0's writer of a run's logs: metrics.jsonl and TensorBoard events."""
 
@@ -127,11 +193,25 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = Path(run_dir)
-        # purge_step drops events a killed run logged after its last checkpoint.
-        self.writer = SummaryWriter(str(self.dir), purge_step=start_it if start_it else None)
-        if not start_it:
-            self._write_header(hparams)
+        threading.excepthook = _quiet_writer_thread
+        with self._events():
+            # purge_step drops events a killed run logged after its last checkpoint.
+            self.writer = SummaryWriter(str(self.dir), purge_step=start_it if start_it else None)
+            if not start_it:
+                self._write_header(hparams)
         write_metrics(self.dir, metrics)
+
+    @contextlib.contextmanager
+    def _events(self):
+        """A full or read-only disk under the events file: one line naming it, as for every file."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno not in BAD_PLACE:
+                raise
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise (DiskFull if full else IdmapError)(f"cannot write the TensorBoard events in {self.dir} "
+                                                     f"({exc.strerror}){'; free some space' if full else ''}") from exc
 
     def _write_header(self, hparams: dict) -> None:
         from torch.utils.tensorboard.summary import hparams as hparams_summary
@@ -146,15 +226,17 @@ class RunLog:
         """The latest of `metrics` is new: rewrite the file, log its scalars."""
         write_metrics(self.dir, metrics)
         entry = metrics[-1]
-        for tag, key in SCALARS:
-            self.writer.add_scalar(tag, entry[key], entry["iteration"])
-        self.writer.flush()
+        with self._events():
+            for tag, key in SCALARS:
+                self.writer.add_scalar(tag, entry[key], entry["iteration"])
+            self.writer.flush()
 
     def close(self, summary: dict) -> None:
         final = summary["final_test_error"]
-        self.writer.add_scalar("hparam/final_test_error", math.nan if final is None else final,
-                               summary["iterations"])
-        self.writer.close()
+        with self._events():
+            self.writer.add_scalar("hparam/final_test_error", math.nan if final is None else final,
+                                   summary["iterations"])
+            self.writer.close()
         write_summary(self.dir, summary)
 
 
@@ -178,7 +260,8 @@ def lock_run_dir(run_dir: Path) -> bool:
         return False
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        # O_NOFOLLOW: a symlink planted as .lock must not make or open a file elsewhere.
+        fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
     except OSError as exc:  # a path through a file, no permission, a name too long, a full disk
         raise IdmapError(f"cannot write the run directory {run_dir} ({exc.strerror}); choose another "
                          f"hydra.run.dir") from None
@@ -203,6 +286,20 @@ def unlock_run_dir(run_dir: Path) -> None:
     fd = _HELD.pop(os.path.realpath(run_dir), None)
     if fd is not None:
         os.close(fd)  # closing the last descriptor releases the flock
+
+
+def check_contained(folder: Path) -> None:
+    """A run writes only inside its folder, yet a file written in place follows a symlink (Hydra's
+    train.log, a sweep's multirun.yaml): a link in the folder or its .hydra/ that leads out of it
+    is refused before anything is written (IdmapError naming it)."""
+    folder = Path(folder)
+    root = Path(os.path.realpath(folder))
+    for where in (folder, folder / HYDRA_DIR):  # .hydra/ itself, as a link out, is refused first
+        for entry in sorted(where.iterdir()) if where.is_dir() else []:
+            target = Path(os.path.realpath(entry)) if entry.is_symlink() else root
+            if target != root and root not in target.parents:
+                raise IdmapError(f"{entry} is a link to {os.readlink(entry)}, outside {folder}; nothing is "
+                                 f"written through it: replace the link with the file itself, or remove it")
 
 
 def has_lock_file(run_dir: Path) -> bool:

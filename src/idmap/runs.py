@@ -83,9 +83,19 @@ def built_choices(summary: dict) -> Tuple[Dict[str, str], List[str]]:
     return choices, notes
 
 
+# The summary fields a report reads, and their types: a summary.json that has one of another type
+# is no run's (a foreign or hand-edited file), and is skipped with a warning, not the whole report.
+_FIELDS = {"choices": dict, "dataset": dict, "model": dict, "shortcut": dict, "config": dict, "seed": int,
+           "max_iters": int, "final_test_error": (int, float)}
+
+
 def load_run(path: Path) -> Run:
-    """Raises ValueError with a one-line reason when the summary is missing or unreadable."""
+    """Raises ValueError with a one-line reason when the summary is missing, unreadable or foreign."""
     s = rundir.read_summary(path)
+    for key, kind in _FIELDS.items():
+        value = s.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise ValueError(f"summary.json is not a run's ({key} is {value!r:.40})")
     dataset = s.get("dataset") if isinstance(s.get("dataset"), dict) else {}
     name = str(dataset.get("name") or "?")
     choices, notes = built_choices(s)

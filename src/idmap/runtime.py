@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import platform
+import re
 import signal
 import threading
 import warnings
@@ -19,13 +20,23 @@ from idmap import IdmapError
 log = logging.getLogger("idmap")
 
 
+# The device names a run and every script take.
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` is the GPU when there is one. In a process group each process trains on the GPU
-    launch.py set as its current one (its local rank)."""
+    launch.py set as its current one (its local rank). IdmapError for a name that is no device
+    here (trainer.device is its setting; the scripts' --device says the same)."""
+    if not DEVICE.fullmatch(str(name)):
+        raise IdmapError(f"device {name!r} is not one; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise IdmapError(f"trainer.device={name} but CUDA is not available here; use trainer.device=cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise IdmapError(f"trainer.device={name} but this machine has {torch.cuda.device_count()} GPU(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if name == "cuda" or (name.startswith("cuda") and dist.is_initialized()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)

@@ -13,7 +13,6 @@ after-addition ReLU and the BN in its branch do not.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from functools import partial
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from idmap import IdmapError
+from idmap import IdmapError, cli
 
 
 def _mean_norms(ts) -> list[float]:
@@ -154,25 +153,28 @@ def main(argv=None) -> int:
     """`scripts/signals.py` / `idmap-signals`: the figure for untrained nets and trained runs."""
     from idmap.checkpoint import load_model
     from idmap.models import ORDERINGS, build_resnet
-    from idmap.rundir import atomic_write
+    from idmap.rundir import write_figure
+    from idmap.runtime import resolve_device
 
-    p = argparse.ArgumentParser(description="Activation and gradient norms per residual unit, several nets side by side (eqs. 4-5).")
+    count = cli.number(int, 1, strict=False)
+    p = cli.ArgumentParser(description="Activation and gradient norms per residual unit, several nets side by side (eqs. 4-5).")
     p.add_argument("--blocks", nargs="*", default=[], choices=list(ORDERINGS), metavar="BLOCK",
                    help=f"untrained nets of these orderings: {', '.join(ORDERINGS)}")
-    p.add_argument("--depths", nargs="*", type=int, default=[164, 1001])
+    p.add_argument("--depths", nargs="*", type=count, default=[164, 1001])
     p.add_argument("--zero-init", action="store_true", help="untrained nets with zeroed branches")
     p.add_argument("--runs", nargs="*", type=Path, default=[], help="trained run directories or checkpoints")
-    p.add_argument("--batch", type=int, help="images per net (default 64; 16 for nets over 500 layers)")
+    p.add_argument("--batch", type=count, help="images per net (default 64; 16 for nets over 500 layers)")
     p.add_argument("--mode", choices=("train", "eval"), default="train",
                    help="BN statistics of the batch (train) or running ones (eval)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the init and of the random images")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=cli.number(int, 0, strict=False), default=0,
+                   help="seed of the init and of the random images")
+    p.add_argument("--device", default="cpu", type=cli.device, help="cpu | cuda | cuda:N")
     p.add_argument("--title", default="")
-    p.add_argument("-o", "--out", type=Path, required=True, help="PNG file")
+    p.add_argument("-o", "--out", type=cli.figure, required=True, help="figure file (.png, .pdf, .svg, ...)")
     args = p.parse_args(argv)
     if not args.blocks and not args.runs:
         p.error("give --blocks (untrained nets) and/or --runs")
-    dev = torch.device(args.device)
+    dev = resolve_device(args.device)
 
     def batch_for(depth: int) -> int:
         return args.batch or (16 if depth > 500 else 64)
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
 
     def trained(run: Path):
         model, cfg = load_model(run)
-        return (model, *run_batch(cfg, batch_for(cfg["model"]["depth"]), model.fc.out_features))
+        return (model, *run_batch(cfg, batch_for(model.arch["depth"]), model.fc.out_features))
 
     init = "zeroed branches" if args.zero_init else "init"
     # Colour by ordering, line style by depth; nets are built one at a time (ResNet-1001 is large).
@@ -217,8 +219,6 @@ def main(argv=None) -> int:
     inputs = ", random N(0,1) inputs" if args.blocks else ""
     title = args.title or (f"BN on {stats} statistics ({args.mode} mode){inputs}; "
                            f"dots: inputs of dimension-increasing units")
-    fig = signal_figure(lines, title)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=110))
+    write_figure(signal_figure(lines, title), args.out, dpi=110)
     print(args.out)
     return 0

@@ -15,7 +15,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from idmap.resume import recorded
-from idmap.rundir import MULTIRUN, SUMMARY, mark_failed, override_key, read_summary, read_sweep_plan, run_dirs
+from idmap.rundir import (MULTIRUN, SUMMARY, mark_failed, override_key, read_summary, read_sweep_plan, run_dirs,
+                          update_summary)
 
 log = logging.getLogger("idmap")
 
@@ -26,6 +27,15 @@ def record_failure(run_dir: Path, cfg: DictConfig, exc: Exception, choices: dict
         mark_failed(run_dir, error=f"{type(exc).__name__}: {exc}", choices=choices,
                     config=OmegaConf.to_container(cfg, resolve=False), seed=cfg.seed,
                     traceback=traceback.format_exc())
+
+
+def note_failed_resume(run_dir: Path, exc: Exception) -> None:
+    """A completed job that a resumed sweep could not continue (a checkpoint that does not fit, other
+    settings) keeps its result, with the failure beside it (`failed_resume`), so that the sweep's
+    end names it (failed_jobs); the job's next completed start writes a summary without it."""
+    with contextlib.suppress(Exception):  # recording must not hide the failure being recorded
+        if read_summary(run_dir)["status"] == "completed":
+            update_summary(run_dir, failed_resume=f"{type(exc).__name__}: {exc}")
 
 
 def swept_values(task_overrides: list[str], sweeper_params: dict | None) -> dict[str, int]:
@@ -84,9 +94,10 @@ def _clock(seconds: float) -> str:
 # --------------------------------------------------------------------------------------------------
 def failed_jobs(sweep_dir: str | Path) -> list[tuple[Path, str]]:
     """(job folder, one-line reason) for every job of the sweep in `sweep_dir` that gave no result:
-    its summary.json is missing or unreadable, or its status is not "completed" (failed, diverged,
-    interrupted, refused). Read from the folders, not from this process, so it holds for every
-    launcher, jobs that ran on other machines (SLURM) and jobs of earlier starts of the sweep."""
+    its summary.json is missing or unreadable, its status is not "completed" (failed, diverged,
+    interrupted, refused), or a resume of it failed (note_failed_resume). Read from the folders,
+    not from this process, so it holds for every launcher, jobs that ran on other machines (SLURM)
+    and jobs of earlier starts of the sweep."""
     sweep_dir = Path(sweep_dir)
     out = []
     for job in run_dirs([sweep_dir]):
@@ -100,6 +111,10 @@ def failed_jobs(sweep_dir: str | Path) -> list[tuple[Path, str]]:
         if summary["status"] != "completed":
             error = str(summary.get("error") or "").strip().splitlines()
             out.append((job, summary["status"] + (f": {error[0]}" if error else "")))
+        elif summary.get("failed_resume"):  # its earlier result stands, but the sweep's last start failed it
+            error = str(summary["failed_resume"]).strip().splitlines() or [""]
+            out.append((job, f"completed at iteration {summary.get('iterations')}, but resuming it failed: "
+                             f"{error[0]}"))
     return out
 
 

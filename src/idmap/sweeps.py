@@ -125,28 +125,28 @@ def label(values: Dict[str, Optional[str]]) -> str:
     return " ".join(f"{k}={v}" for k, v in values.items()) or "all runs"
 
 
-def _joined(items) -> str:
-    return ", ".join(sorted({str(i) for i in items}))
-
-
 def sweep(runs: Sequence[Run], by: Optional[Sequence[str]] = None,
           baseline: Optional[str] = None) -> Sweep:
-    """One line per distinct setting of `runs` (seeds pooled), each with its baseline's line."""
+    """One line per distinct setting of `runs` (seeds pooled) and what they trained on (data,
+    protocol, iterations: as in the paper tables, runs on other data or of other lengths are never
+    pooled or compared), each with its baseline's line."""
     keys = list(by) if by else default_keys(runs)
+    unknown = [k for k in keys if all(value(r, k) is None for r in runs)]
+    if runs and unknown:
+        known = dict.fromkeys(k for r in runs for k in recorded(r))
+        raise IdmapError(f"--by {unknown[0]}: no run has this setting; the runs' overrides are "
+                         f"{', '.join(known) or 'none'}")
     groups: Dict[Tuple, List[Run]] = {}
     for run in runs:
-        groups.setdefault(tuple(value(run, k) for k in keys), []).append(run)
-    ordered = sorted(groups, key=lambda vs: [_natural(v) for v in vs])
+        trained_on = (run.data, run.choices.get("protocol", "?"), run.max_iters)
+        groups.setdefault((tuple(value(run, k) for k in keys), trained_on), []).append(run)
+    ordered = sorted(groups, key=lambda g: ([_natural(v) for v in g[0]], [_natural(v) for v in g[1]]))
     rows, result = [], Sweep(keys, [])
-    for vs in ordered:
-        members = groups[vs]
+    for vs, trained_on in ordered:
         values = dict(zip(keys, vs))
-        data = _joined(r.data for r in members)
-        iters = {r.max_iters for r in members}
-        row = Row(key=label(values), label=label(values), choices={}, reference=None, dataset=data)
+        row = Row(key=label(values), label=label(values), choices={}, reference=None, dataset=trained_on[0])
         rows.append(row)
-        line = Line(None, row, data, _joined(r.choices.get("protocol", "?") for r in members),
-                    iters.pop() if len(iters) == 1 else None, members)
+        line = Line(None, row, *trained_on, groups[vs, trained_on])
         result.lines.append(line)
         result.values[id(line)] = values
     table = Table(TABLE, "Sweep: final test error (%) per setting", "none: no paper table has "
@@ -176,24 +176,20 @@ def split_baseline(base: Optional[str], tables: Sequence[Table], rest: Sequence[
 
 
 def _set_baselines(table: Sweep, baseline: Optional[str]) -> None:
+    """Each line's baseline: the line with the baseline's values (default: the first line's) and
+    the same data, protocol and iterations, or none."""
     if not table.lines:
         return
-    if baseline is None:
-        first = table.lines[0]
-        table.baseline = first.row.key
-        for line in table.lines:
-            line.baseline = first
-        return
-    spec = parse_setting(baseline)
+    spec = parse_setting(baseline) if baseline else table.values_of(table.lines[0])
     unknown = [k for k in spec if k not in table.keys]
     if unknown:
         raise IdmapError(f"--baseline {baseline}: {', '.join(unknown)} is not a key the sweep's "
                          f"lines differ by ({', '.join(table.keys) or 'none'}); name it with --by")
     table.baseline = label(spec)
-    by_values = {tuple(table.values_of(l).items()): l for l in table.lines}
+    by_values = {(tuple(table.values_of(l).items()), l.setting): l for l in table.lines}
     for line in table.lines:
         target = {**table.values_of(line), **spec}
-        line.baseline = by_values.get(tuple(target.items()))
+        line.baseline = by_values.get((tuple(target.items()), line.setting))
     if not any(line.baseline is line for line in table.lines):
         raise IdmapError(f"--baseline {baseline}: no line of the sweep has that setting (lines: "
                          f"{'; '.join(l.row.key for l in table.lines)})")
@@ -212,7 +208,8 @@ def markdown(table: Sweep, seeds_needed: bool = False) -> str:
     by = ", ".join(table.keys) or "none (one setting)"
     out = [f"## {table.lines[0].table.title}", "",
            f"One line per setting of {by} (each run's recorded overrides and config), seeds "
-           f"pooled; baseline {table.baseline}.", "",
+           f"pooled; baseline {table.baseline}, compared only with lines of the same data, protocol "
+           f"and iterations.", "",
            "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join([line.row.key, *setting_cells(line), *stat_cells(line)]) + " |"
             for line in table.lines]

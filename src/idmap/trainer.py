@@ -25,7 +25,6 @@ from idmap import IdmapError, data as datamod
 from idmap.config import check_config, check_schedule, schedule
 from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
-from idmap.orderings import check_config as check_ordering
 from idmap.rundir import CHECKPOINT, RunLog, git_commit
 from idmap.runtime import (Interrupted, StopFlag, autocast, configure, device_name, memory_format,
                            resolve_device)
@@ -109,12 +108,13 @@ def build(cfg: DictConfig, data: DeviceData, device: torch.device, world_size: i
 
 
 def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int = 1,
-          choices: dict | None = None) -> dict:
+          choices: dict | None = None, on_start=None) -> dict:
     """Train one run in `run_dir`; returns its summary. Raises Interrupted after checkpointing when
-    signalled, IdmapError for bad input. `choices`: the config group choices the run records."""
+    signalled, IdmapError for bad input. `choices`: the config group choices the run records.
+    `on_start`: called by rank 0 once every check has passed and the state is built or restored
+    (launch.py records the run's settings then, so a refused start or resume changes no record)."""
     run_dir = Path(run_dir)
-    check_config(cfg)
-    check_ordering(cfg.model, (choices or {}).get("block"))  # a block file's ordering, before any work
+    check_config(cfg, choices)
     device = resolve_device(cfg.trainer.device)
     configure(cfg.trainer, cfg.seed)
     if device.type == "cuda":  # the summary's peak memory is this run's, not the process's
@@ -124,6 +124,8 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     state, model = build(cfg, data, device, world_size)
     state.resume_from(run_dir / CHECKPOINT, cfg.trainer.resume, rank)
     loop = Loop(cfg, run_dir, state, model, data, rank, world_size)
+    if on_start is not None and rank == 0:
+        on_start()
     summary = new_summary(cfg, state.model, data.info, device, loop.max_iters, choices or {})
     status, signum = loop.run()
     metrics = state.metrics
