@@ -145,13 +145,12 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
 
 def compose_config(*overrides: str):
     """The run config that `python train.py OVERRIDES` gets, for tests, benchmarks and notebooks."""
-    from pathlib import Path
-
     from hydra import compose, initialize_config_dir
 
+    from idmap.paths import CONF
+
     register_configs()
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=quote_numeric_choices(list(overrides)))
 
 

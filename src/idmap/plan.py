@@ -30,8 +30,8 @@ from omegaconf import OmegaConf, open_dict
 
 from idmap import IdmapError
 from idmap.config import quote_numeric_choices, register_configs
+from idmap.paths import CONF
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 # The slowest job's time x MARGIN + SLACK_MIN: evaluations, start-up and a slower node.
 MARGIN, SLACK_MIN = 1.25, 10
 # Training images of the data sets whose size the config does not say (epochs -> iterations).
