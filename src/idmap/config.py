@@ -1,6 +1,6 @@
 """The run configuration as structured configs, so a misspelled key or a wrong type fails at start-up.
 
-Defaults are the paper's CIFAR protocol (paper.md, "Training protocol"); the YAML groups in conf/
+Defaults are the paper's CIFAR protocol (docs/paper.md, "Training protocol"); the YAML groups in conf/
 select among the paper's choices and only override what differs.
 """
 
