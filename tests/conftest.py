@@ -1,9 +1,11 @@
+import collections
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,24 @@ def jpeg_copy(tmp_path_factory) -> Path:
         except OSError:
             shutil.rmtree(tmp)  # another run got there first
     return root / "cifar10-jpeg"
+
+
+JpegDecoded = collections.namedtuple("JpegDecoded", "config cache dataset seconds")
+
+
+@pytest.fixture(scope="session")
+def jpeg_decoded(jpeg_copy, tmp_path_factory) -> JpegDecoded:
+    """The JPEG copy decoded once for the session into an image cache of its own (IDMAP_CACHE),
+    with the data set and the seconds decoding took: decoding 60,000 images was most of each test
+    that reads them (tests/test_data.py checks the decoding against a load from this cache)."""
+    from idmap import data
+    from idmap.config import DatasetConfig
+
+    config = DatasetConfig(name="imagefolder", root=str(jpeg_copy), label="CIFAR-10 (JPEG copy)",
+                           download=False)
+    cache = tmp_path_factory.mktemp("jpeg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("IDMAP_CACHE", str(cache))
+        start = time.perf_counter()
+        dataset = data.load_dataset(config)
+        return JpegDecoded(config, cache, dataset, time.perf_counter() - start)

@@ -176,14 +176,14 @@ def test_ddp_with_two_cpu_processes_trains_into_one_run_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_jpeg_copy_of_cifar10_trains_clearly_below_chance(jpeg_copy, tmp_path):
+def test_jpeg_copy_of_cifar10_trains_clearly_below_chance(jpeg_decoded, tmp_path):
     run_dir = tmp_path / "run"
     run_train(
-        "dataset=cifar10_jpeg", f"dataset.root={jpeg_copy}",
+        "dataset=cifar10_jpeg", f"dataset.root={jpeg_decoded.config.root}",
         "model.depth=8", "model.widths=[8,16,32]", "trainer.batch_size=64", "trainer.max_iters=300",
         "trainer.eval_every=300", "trainer.log_every=50", "trainer.device=cpu", "trainer.progress=false",
         "optim.warmup_iters=0", f"hydra.run.dir={run_dir}", timeout=900,
-        env={"IDMAP_CACHE": str(tmp_path / "cache")},
+        env={"IDMAP_CACHE": str(jpeg_decoded.cache)},  # decoded once for the session (conftest)
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == {"name": "imagefolder", "label": "CIFAR-10 (JPEG copy)"}
