@@ -37,6 +37,11 @@ TINY = [
     "trainer.progress=false",
     "optim.warmup_iters=0",
 ]
+# A run with two evaluations and two checkpoints, the start of most tests of resuming and of run folders.
+SHORT = [*TINY, "trainer.max_iters=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
+# A data-parallel run that a second start method must reproduce to the number (deterministic).
+DDP = [*TINY, "trainer.max_iters=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+       "trainer.deterministic=true"]
 
 register_configs()
 
@@ -64,6 +69,44 @@ def run_train(*args: str, check: bool = True, timeout: float = 300, env: dict | 
 @pytest.fixture
 def tiny_cfg():
     return make_cfg(*TINY)
+
+
+class Made:
+    """A run or sweep folder that train.py made once for the session (each start costs seconds of
+    imports), given to each test as it was made, at the place it was made (its .hydra record names
+    that place): a test may change it without another test seeing the change."""
+
+    def __init__(self, path: Path, proc: subprocess.CompletedProcess):
+        self.path, self.proc, self._copy = path, proc, path.with_name(path.name + ".made")
+        shutil.copytree(path, self._copy, symlinks=True)
+
+    def fresh(self) -> Path:
+        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.copytree(self._copy, self.path, symlinks=True)
+        return self.path
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory) -> Made:
+    """`python train.py SHORT`, completed."""
+    run_dir = tmp_path_factory.mktemp("short") / "run"
+    return Made(run_dir, run_train(*SHORT, f"hydra.run.dir={run_dir}"))
+
+
+@pytest.fixture(scope="session")
+def short_sweep(tmp_path_factory) -> Made:
+    """`python train.py -m SHORT seed=1,2`, both jobs completed; `.proc` holds what it printed."""
+    sweep = tmp_path_factory.mktemp("short") / "sweep"
+    return Made(sweep, run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={sweep}"))
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory) -> Path:
+    """`python train.py DDP trainer.world_size=2`: two spawned gloo processes training one run.
+    Read only: tests/test_train.py checks its files, tests/test_launch.py compares torchrun's with it."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    run_train(*DDP, "trainer.world_size=2", f"hydra.run.dir={run_dir}")
+    return run_dir
 
 
 @pytest.fixture(scope="session")

@@ -162,10 +162,8 @@ def test_ghost_bn_and_activation_checkpointing_run(tmp_path):
     assert train(cfg, tmp_path)["status"] == "completed"
 
 
-def test_ddp_with_two_cpu_processes_trains_into_one_run_dir(tmp_path):
-    run_dir = tmp_path / "ddp"
-    run_train(*TINY, "trainer.max_iters=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
-              "trainer.world_size=2", f"hydra.run.dir={run_dir}")
+def test_ddp_with_two_cpu_processes_trains_into_one_run_dir(ddp_run):
+    run_dir = ddp_run  # `train.py DDP trainer.world_size=2`, shared with tests/test_launch.py
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["iterations"] == 6
     assert summary["choices"]["block"] == "full_preact"  # so that report.py can place the run
