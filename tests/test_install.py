@@ -50,25 +50,17 @@ def run(site: Path, *cmd, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_the_wheel_holds_every_config_and_runs_from_its_own_copy(site, tmp_path):
+def test_the_installed_copy_reads_its_own_files_and_every_command_answers_help(site, tmp_path):
     shipped = sorted(p.relative_to(site / "idmap" / "conf") for p in (site / "idmap" / "conf").rglob("*.yaml"))
     assert shipped == sorted(p.relative_to(ROOT / "conf") for p in (ROOT / "conf").rglob("*.yaml"))
-    proc = run(site, sys.executable, "-c", "import json, idmap, idmap.paths as p, idmap.rundir as r; "
-               "print(json.dumps([idmap.__file__, str(p.CONF), p.REPO is None, r.git_commit()]))", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    module, conf, no_repo, commit = json.loads(proc.stdout)
-    assert Path(module).is_relative_to(site) and Path(conf) == site / "idmap" / "conf"
-    assert no_repo and commit is None  # not the clone's commit, nor any repository's the folder is in
-
-
-def test_every_command_answers_help(site, tmp_path):
     commands = configparser.ConfigParser()
     commands.read(next(site.glob("idmap-*.dist-info")) / "entry_points.txt")
     names = list(commands["console_scripts"])
     assert len(names) == 8 and all((site / "bin" / name).is_file() for name in names)
-    # One process for all eight: each would spend seconds importing torch.
+    # One process for all of it: each would spend seconds importing torch.
     script = "\n".join([
-        "import sys, idmap.cli as c",
+        "import json, sys, idmap, idmap.cli as c, idmap.paths as p, idmap.rundir as r",
+        "print(json.dumps([idmap.__file__, str(p.CONF), p.REPO is None, r.git_commit()]), flush=True)",
         "for name in sys.argv[1:]:",
         "    try:",
         "        code = getattr(c, name)(['--help'])",
@@ -79,6 +71,9 @@ def test_every_command_answers_help(site, tmp_path):
     attrs = [commands["console_scripts"][n].split(":")[1] for n in names]
     proc = run(site, sys.executable, "-c", script, *attrs, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    module, conf, no_repo, commit = json.loads(proc.stdout.splitlines()[0])
+    assert Path(module).is_relative_to(site) and Path(conf) == site / "idmap" / "conf"
+    assert no_repo and commit is None  # not the clone's commit, nor any repository's the folder is in
     assert proc.stdout.count("usage:") == 8
     assert [l.split()[1:] for l in proc.stdout.splitlines() if l.startswith("exit ")] == [[a, "0"] for a in attrs]
 
