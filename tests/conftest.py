@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from idmap.config import compose_config, register_configs
-from slurm_cluster import slurm  # noqa: F401  (the session's SLURM cluster fixture)
+# One OpenMP thread, unless the caller chose: the tests train tiny nets, on which a second thread
+# mostly spins (a 120-iteration TINY run took twice the time and 2.5x the CPU with two threads on the
+# busy 2-core development machine; the tests that start processes side by side set it already).
+# Set before torch is imported, so that the processes the tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from idmap.config import compose_config, register_configs  # noqa: E402
+from slurm_cluster import slurm  # noqa: E402,F401  (the session's SLURM cluster fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
