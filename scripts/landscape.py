@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The loss surface around a trained run (Li et al. 2018; paper.md, "Loss landscape").
+"""The loss surface around a trained run (Li et al. 2018; docs/paper.md, "Loss landscape").
 
     python scripts/landscape.py RUN_DIR_OR_CHECKPOINT [--grid 21] [--range 1.0] [--samples 2048]
                                 [--batch 512] [--seed 0] [--device auto] [-o OUTDIR]

@@ -29,6 +29,12 @@ def test_only_rundir_names_the_files_of_a_run_directory():
     assert users == ["rundir.py"]
 
 
+def test_only_paths_finds_files_from_where_the_code_is():
+    # An installed copy has no clone around it: conf/ and the clone come from idmap.paths alone.
+    users = [p.name for p in MODULES if "__file__" in p.read_text()]
+    assert users == ["paths.py"]
+
+
 def test_hydra_is_imported_only_at_the_edge():
     importers = [p.name for p in MODULES if re.search(r"^\s*(from|import) hydra\b", p.read_text(), re.M)]
     # plan.py expands a sweep with Hydra's own sweeper, as train.py -m would; sweep.py is the

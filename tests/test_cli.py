@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY, run_train
+from conftest import ROOT
 
 from idmap import IdmapError
 from idmap.cli import run_command
@@ -43,9 +43,8 @@ def test_bench_without_cuda_is_bad_input():
     _one_line(_script("bench", "--device", "cuda"), 2, "CUDA is not available")
 
 
-def test_an_output_place_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(*TINY, "trainer.max_iters=4", "trainer.eval_every=2", f"hydra.run.dir={run_dir}")
+def test_an_output_place_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, short_run):
+    run_dir = short_run.fresh()
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     _one_line(_script("plot_curves", str(run_dir), "-o", str(blocker / "curves.png")), 2, str(blocker))

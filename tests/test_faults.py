@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, make_cfg, run_train
+from conftest import ROOT, TINY, Made, make_cfg, run_train
 from idmap import IdmapError
 from idmap.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from idmap.trainer import train
@@ -138,9 +138,15 @@ def test_disk_full_during_a_run_ends_it_with_one_message(tmp_path, monkeypatch):
         train(make_cfg(*TINY), tmp_path)
 
 
-def test_a_truncated_checkpoint_gives_a_clear_error_naming_the_file(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(*TINY, "trainer.max_iters=4", "trainer.eval_every=4", f"hydra.run.dir={run_dir}")
+@pytest.fixture(scope="module")
+def four_iterations(tmp_path_factory) -> Made:
+    """A completed run of 4 iterations, one evaluation and one checkpoint, made once."""
+    run_dir = tmp_path_factory.mktemp("four") / "run"
+    return Made(run_dir, run_train(*TINY, "trainer.max_iters=4", "trainer.eval_every=4", f"hydra.run.dir={run_dir}"))
+
+
+def test_a_truncated_checkpoint_gives_a_clear_error_naming_the_file(four_iterations):
+    run_dir = four_iterations.fresh()
     ckpt = run_dir / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     proc = run_train(*TINY, f"hydra.run.dir={run_dir}", "trainer.resume=true", check=False)
@@ -149,9 +155,8 @@ def test_a_truncated_checkpoint_gives_a_clear_error_naming_the_file(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_an_existing_run_is_never_silently_overwritten(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(*TINY, "trainer.max_iters=4", "trainer.eval_every=4", f"hydra.run.dir={run_dir}")
+def test_an_existing_run_is_never_silently_overwritten(four_iterations):
+    run_dir = four_iterations.fresh()
     before = {p: (run_dir / p).read_bytes() for p in ("checkpoint.pt", "summary.json", "metrics.jsonl")}
     proc = run_train(*TINY, "block=original", f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode == 2 and "trainer.resume=true" in proc.stderr

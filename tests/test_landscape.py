@@ -1,4 +1,4 @@
-"""The loss-landscape figure of Li et al. 2018 (paper.md, "Loss landscape"), on a tiny run."""
+"""The loss-landscape figure of Li et al. 2018 (docs/paper.md, "Loss landscape"), on a tiny run."""
 
 import importlib.util
 import json

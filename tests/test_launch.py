@@ -8,12 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY, run_train
+from conftest import DDP, ROOT, SHORT, run_train
 
 from idmap.resume import resume_argv
 from idmap.sweep import swept_values
-
-SHORT = [*TINY, "trainer.max_iters=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
 
 
 def _summary(run_dir):
@@ -34,9 +32,8 @@ def test_a_run_resumes_from_its_directory_alone_and_may_be_extended(tmp_path):
     assert [m["iteration"] for m in _metrics(run_dir)] == [2, 4, 6, 8]
 
 
-def test_resuming_by_directory_refuses_a_changed_setting_and_leaves_the_run_as_it_was(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(*SHORT, f"hydra.run.dir={run_dir}")
+def test_resuming_by_directory_refuses_a_changed_setting_and_leaves_the_run_as_it_was(short_run):
+    run_dir = short_run.fresh()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     proc = run_train(f"trainer.resume={run_dir}", "optim.lr=0.2", "block=original", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -44,9 +41,8 @@ def test_resuming_by_directory_refuses_a_changed_setting_and_leaves_the_run_as_i
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
-def test_a_run_cannot_be_shortened_below_where_it_is_and_stays_completed(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(*SHORT, f"hydra.run.dir={run_dir}")
+def test_a_run_cannot_be_shortened_below_where_it_is_and_stays_completed(short_run):
+    run_dir = short_run.fresh()
     proc = run_train(f"trainer.resume={run_dir}", "trainer.max_iters=2", check=False)
     assert proc.returncode == 2 and "can be raised to extend a run, not lowered" in proc.stderr
     assert _summary(run_dir)["status"] == "completed"
@@ -95,17 +91,16 @@ def test_a_sweep_resumes_its_unfinished_jobs_in_one_command(tmp_path):
         in resume_argv([f"trainer.resume={sweep}"])
 
 
-def test_resuming_a_sweep_with_a_changed_setting_is_refused_before_anything_is_written(tmp_path):
-    sweep = tmp_path / "sweep"
-    run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={sweep}")
+def test_resuming_a_sweep_with_a_changed_setting_is_refused_before_anything_is_written(short_sweep):
+    sweep = short_sweep.fresh()
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}
     proc = run_train(f"trainer.resume={sweep}", "optim.lr=0.2", check=False)
     assert proc.returncode == 2 and "optim.lr=0.2 would change what the runs" in proc.stderr
     assert {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()} == before
 
 
-def test_each_finished_job_of_a_sweep_prints_a_progress_line(tmp_path):
-    proc = run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+def test_each_finished_job_of_a_sweep_prints_a_progress_line(short_sweep):
+    proc = short_sweep.proc  # `train.py -m SHORT seed=1,2`
     out = proc.stdout + proc.stderr
     assert "job 1/2 seed=1: completed" in out and "job 2/2 seed=2: completed" in out
     assert "ETA done" in out
@@ -122,11 +117,8 @@ def test_sweep_size_counts_the_command_line_and_the_experiments_values():
     assert sweep_size(["+experiment=table2", "seed=1"], {"seed": "1,2,3,4,5", "block": "a,b"}) == 2
 
 
-def test_torchrun_with_two_gloo_processes_trains_one_run_as_world_size_2_does(tmp_path):
-    settings = [*TINY, "trainer.max_iters=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
-                "trainer.deterministic=true"]
-    spawned = tmp_path / "spawned"
-    run_train(*settings, "trainer.world_size=2", f"hydra.run.dir={spawned}")
+def test_torchrun_with_two_gloo_processes_trains_one_run_as_world_size_2_does(tmp_path, ddp_run):
+    settings, spawned = DDP, ddp_run  # `train.py DDP trainer.world_size=2`
     # torchrun's own processes, each composing its own time-stamped run directory: rank 0's is used.
     work = tmp_path / "work"
     work.mkdir()

@@ -9,13 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, make_cfg, run_train
+from conftest import ROOT, SHORT, TINY, make_cfg, run_train
 
 from idmap.launch import run
 from idmap.rundir import RunInUse, lock_run_dir, unlock_run_dir, write_summary
 from idmap.sweep import failed_jobs
-
-SHORT = [*TINY, "trainer.max_iters=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
 
 
 def _files(folder: Path) -> dict:
@@ -85,9 +83,8 @@ def test_the_lock_is_this_processs_own_and_taken_once(tmp_path):
 
 
 @pytest.fixture
-def finished_without_checkpoint(tmp_path) -> Path:
-    run_dir = tmp_path / "run"
-    run_train(*SHORT, f"hydra.run.dir={run_dir}")
+def finished_without_checkpoint(short_run) -> Path:
+    run_dir = short_run.fresh()
     (run_dir / "checkpoint.pt").unlink()
     return run_dir
 
@@ -112,9 +109,8 @@ def test_metrics_alone_make_a_folder_a_run(finished_without_checkpoint):
     assert proc.returncode == 2 and "metrics.jsonl (2 evaluations)" in proc.stderr
 
 
-def test_a_new_run_into_a_folder_with_a_checkpoint_leaves_even_its_hydra_record(tmp_path):
-    run_dir = tmp_path / "run"
-    run_train(*SHORT, f"hydra.run.dir={run_dir}")
+def test_a_new_run_into_a_folder_with_a_checkpoint_leaves_even_its_hydra_record(short_run):
+    run_dir = short_run.fresh()
     before = _files(run_dir)
     proc = run_train(*SHORT, "block=original", f"hydra.run.dir={run_dir}", check=False)
     assert proc.returncode == 2 and "already holds a checkpoint" in proc.stderr
@@ -149,9 +145,9 @@ def test_a_sweep_with_a_failed_job_runs_the_others_then_exits_1_naming_it(tmp_pa
     assert "Traceback" not in proc.stderr
 
 
-def test_a_sweep_whose_jobs_all_completed_exits_0(tmp_path):
-    proc = run_train("-m", *SHORT, "seed=1,2", f"hydra.sweep.dir={tmp_path}")
-    assert "failed: " not in proc.stderr and failed_jobs(tmp_path) == []
+def test_a_sweep_whose_jobs_all_completed_exits_0(short_sweep):
+    proc = short_sweep.proc  # `train.py -m SHORT seed=1,2`, which exited 0 (run_train checks)
+    assert "failed: " not in proc.stderr and failed_jobs(short_sweep.fresh()) == []
 
 
 def _job(sweep: Path, name: str, summary=None, text=None) -> Path:

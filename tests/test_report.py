@@ -6,6 +6,7 @@ Every summary.json and metrics.jsonl in this file is a made-up test fixture, not
 import csv
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -100,6 +101,17 @@ def test_paper_numbers_in_the_report(tmp_path, capsys):
     _, out, _ = report(capsys, tmp_path, "--table", "table1")
     assert md_row(out, "exclusive_gating_bias-6")[5] == "8.70"
     assert md_row(out, "dropout_05")[5] == "fail"
+
+
+def test_every_reference_number_is_in_docs_paper_md_under_its_table():
+    """paper.py's numbers and the page that gives each with its source must not drift apart."""
+    text = (ROOT / "docs" / "paper.md").read_text()
+    sections = dict(re.findall(r"^## (.*?)\n(.*?)(?=^## |\Z)", text, re.M | re.S))
+    where = {"table1": "Shortcuts (figure 2, table 1)", "table2": "Orderings of BN and ReLU (figure 4, table 2)",
+             "table3": "The numbers reports compare against", "resnet20_ablation": "A seed experiment to compare with"}
+    for name, table in TABLES.items():
+        numbers = {float(n) for n in re.findall(r"\b\d+\.\d+\b", sections[where[name]])}
+        assert {r.reference for r in table.rows if isinstance(r.reference, float)} <= numbers, name
 
 
 def test_fail_is_above_20_percent_or_diverged(tmp_path):

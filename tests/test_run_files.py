@@ -6,24 +6,16 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_train
-
-SHORT = [*TINY, "trainer.max_iters=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    run_train(*SHORT, f"hydra.run.dir={run_dir}")
-    return run_dir
+from conftest import ROOT, SHORT, run_train
 
 
 @pytest.fixture
-def run_copy(finished, tmp_path):
+def run_copy(short_run, tmp_path):
+    """A copy of `train.py SHORT`'s completed run (conftest)."""
     import shutil
 
     copy = tmp_path / "run"
-    shutil.copytree(finished, copy, ignore=shutil.ignore_patterns(".lock"))
+    shutil.copytree(short_run.fresh(), copy, ignore=shutil.ignore_patterns(".lock"))
     return copy
 
 

@@ -166,10 +166,8 @@ def test_ghost_bn_and_activation_checkpointing_run(tmp_path):
     assert train(cfg, tmp_path)["status"] == "completed"
 
 
-def test_ddp_with_two_cpu_processes_trains_into_one_run_dir(tmp_path):
-    run_dir = tmp_path / "ddp"
-    run_train(*TINY, "trainer.max_iters=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
-              "trainer.world_size=2", f"hydra.run.dir={run_dir}")
+def test_ddp_with_two_cpu_processes_trains_into_one_run_dir(ddp_run):
+    run_dir = ddp_run  # `train.py DDP trainer.world_size=2`, shared with tests/test_launch.py
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["iterations"] == 6
     assert summary["choices"]["block"] == "full_preact"  # so that report.py can place the run
@@ -180,14 +178,14 @@ def test_ddp_with_two_cpu_processes_trains_into_one_run_dir(tmp_path):
 
 
 @pytest.mark.slow
-def test_jpeg_copy_of_cifar10_trains_clearly_below_chance(jpeg_copy, tmp_path):
+def test_jpeg_copy_of_cifar10_trains_clearly_below_chance(jpeg_decoded, tmp_path):
     run_dir = tmp_path / "run"
     run_train(
-        "dataset=cifar10_jpeg", f"dataset.root={jpeg_copy}",
+        "dataset=cifar10_jpeg", f"dataset.root={jpeg_decoded.config.root}",
         "model.depth=8", "model.widths=[8,16,32]", "trainer.batch_size=64", "trainer.max_iters=300",
         "trainer.eval_every=300", "trainer.log_every=50", "trainer.device=cpu", "trainer.progress=false",
         "optim.warmup_iters=0", f"hydra.run.dir={run_dir}", timeout=900,
-        env={"IDMAP_CACHE": str(tmp_path / "cache")},
+        env={"IDMAP_CACHE": str(jpeg_decoded.cache)},  # decoded once for the session (conftest)
     )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dataset"] == {"name": "imagefolder", "label": "CIFAR-10 (JPEG copy)"}

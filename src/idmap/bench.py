@@ -36,11 +36,11 @@ from idmap import data as datamod
 from idmap.config import compose_config
 from idmap.models import build_resnet, model_kwargs
 from idmap.norm import to_chunked
+from idmap.paths import CONF
 from idmap.rundir import read_metrics
 from idmap.runtime import Interrupted, device_name, set_tf32
 from idmap.trainer import PAD, learning_rate, train
 
-ROOT = Path(__file__).resolve().parents[2]
 PAPER_ITERS = 64_000
 
 
@@ -87,7 +87,7 @@ CLASSIC_STRICT = "classic-strict-fp32"
 
 def base_overrides(args, depth: int) -> list[str]:
     """The model and data both loops share; evaluation is one batch since it is not what is timed."""
-    named = (ROOT / "conf" / "depth" / f"{depth}.yaml").exists()  # the paper's unit type for its depths
+    named = (CONF / "depth" / f"{depth}.yaml").exists()  # the paper's unit type for its depths
     out = [f"depth={depth}" if named else f"model.depth={depth}", f"block={args.block}",
            "dataset=synthetic", f"dataset.num_train={args.num_train}", f"dataset.num_test={args.batch_size}",
            f"trainer.batch_size={args.batch_size}", f"trainer.eval_batch_size={args.batch_size}",

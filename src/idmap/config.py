@@ -1,6 +1,6 @@
 """The run configuration as structured configs, so a misspelled key or a wrong type fails at start-up.
 
-Defaults are the paper's CIFAR protocol (paper.md, "Training protocol"); the YAML groups in conf/
+Defaults are the paper's CIFAR protocol (docs/paper.md, "Training protocol"); the YAML groups in conf/
 select among the paper's choices and only override what differs.
 """
 
@@ -16,8 +16,7 @@ from omegaconf import OmegaConf
 
 from idmap import IdmapError
 from idmap.models import SHORTCUT_DEFAULTS
-
-CONF = Path(__file__).resolve().parents[2] / "conf"  # the project's config groups (train.yaml's)
+from idmap.paths import CONF  # the project's config groups (train.yaml's)
 
 
 @dataclass

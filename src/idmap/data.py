@@ -1,7 +1,7 @@
 """Data sets as whole uint8 tensors, and the paper's augmentation as batch tensor operations.
 
 The trainer keeps every image on the device (N x 3 x H x W uint8) and normalizes, pads, crops and
-flips whole batches there (paper.md, "Training protocol"), so nothing here is a per-image
+flips whole batches there (docs/paper.md, "Training protocol"), so nothing here is a per-image
 transform or a DataLoader.
 
 Sources: the official CIFAR-10/100 python archives (downloaded and md5-checked by torchvision,
@@ -370,7 +370,7 @@ def _synthetic(cfg) -> ImageData:
 
 
 # --------------------------------------------------------------------------------------------
-# Normalization and augmentation (paper.md, "Training protocol")
+# Normalization and augmentation (docs/paper.md, "Training protocol")
 # --------------------------------------------------------------------------------------------
 
 NORMALIZATIONS = ("channel", "pixel")

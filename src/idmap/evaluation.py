@@ -24,6 +24,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from idmap import IdmapError, cli
 from idmap.checkpoint import fits, load_checkpoint, model_from_state
+from idmap.paths import CONF
 from idmap.rundir import checkpoint_path, write_files
 from idmap.runtime import autocast, memory_format, resolve_device, set_tf32
 
@@ -85,7 +86,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 # `scripts/evaluate.py`: a checkpoint on its own test set or on another one with the same classes.
 # --------------------------------------------------------------------------------------------------
 RUN_STATS, EVAL_STATS = "run's training set", "evaluation set's training set"
-_CONF_DATASETS = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+_CONF_DATASETS = CONF / "dataset"
 # Fields that do not change which images a data set holds (what "the run's own data" means).
 _NOT_DATA = ("label", "augment", "normalization")
 

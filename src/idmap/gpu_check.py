@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from idmap import gpu_check_runs as runs, gpu_check_steps as steps
+from idmap import gpu_check_runs as runs, gpu_check_steps as steps, paths
 from idmap.gpu_check_runs import last_line, run_logged
 from idmap.gpu_check_sizes import GPU, REHEARSAL, Sizes
 from idmap.rundir import atomic_write, write_json
@@ -264,6 +264,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
+    paths.repo("idmap-gpu-check")  # its steps run the clone's tests, train.py and scripts/bench.py
     if not args.rehearse and not steps.cuda_available():
         print("error: no CUDA device here; run idmap-gpu-check on the GPU machine, or --rehearse "
               "to run every step on this CPU at tiny sizes", file=sys.stderr)

@@ -1,5 +1,5 @@
 """The loss surface around a trained network (Li et al. 2018, "Visualizing the Loss Landscape of
-Neural Nets"; paper.md, "Loss landscape"):
+Neural Nets"; docs/paper.md, "Loss landscape"):
 
     f(alpha, beta) = L(theta* + alpha delta + beta eta)
 

@@ -1,7 +1,7 @@
 """The test errors the paper reports, per table row: reference data for reports, never our results.
 
-Every number is copied from the project's notes on the paper, paper.md (He et al. 2016, "Identity
-Mappings in Deep Residual Networks", tables 1-3), except the ResNet-20 table: that is paper.md's
+Every number is the paper's (He et al. 2016, "Identity Mappings in Deep Residual Networks", tables
+1-3; docs/paper.md gives each with its table), except the ResNet-20 table: that is docs/paper.md's
 "seed experiment", an earlier run to compare with, not part of the paper.
 
 A row's `choices` are the Hydra config-group choices (summary.json "choices") that a run must have
@@ -150,7 +150,7 @@ TABLES: Dict[str, Table] = {
     "resnet20_ablation": Table(
         name="resnet20_ablation",
         title="ResNet-20 ablation: every shortcut and every unit, CIFAR-10 test error (%)",
-        source="paper.md's seed experiment (not from the paper)",
+        source="docs/paper.md's seed experiment (not from the paper)",
         statistic="one number per row, statistic not stated; rows without a number were only ranked",
         rows=tuple(
             Row(key, f"{block} unit, {shortcut} shortcut",

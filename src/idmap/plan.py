@@ -29,7 +29,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf, open_dict
 
 from idmap import IdmapError, cli
-from idmap.config import CONF, check_config, check_overrides, quote_numeric_choices, register_configs
+from idmap.config import check_config, check_overrides, quote_numeric_choices, register_configs
+from idmap.paths import CONF
 # The slowest job's time x MARGIN + SLACK_MIN: evaluations, start-up and a slower node.
 MARGIN, SLACK_MIN = 1.25, 10
 # Training images of the data sets whose size the config does not say (epochs -> iterations).

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from idmap import BAD_PLACE, IdmapError
+from idmap.paths import REPO
 
 SUMMARY, METRICS, CHECKPOINT = "summary.json", "metrics.jsonl", "checkpoint.pt"
 HYDRA_DIR = ".hydra"  # Hydra's record of the composed config and the command-line overrides
@@ -157,11 +158,13 @@ def write_figure(fig, path: str | Path, dpi: int = 120) -> None:
 
 
 def git_commit() -> str | None:
-    """This checkout's commit, "-dirty" when tracked files differ from it; None outside git."""
-    root = Path(__file__).resolve().parents[2]
+    """This checkout's commit, "-dirty" when tracked files differ from it; None outside git and for an
+    installed copy (whatever repository its folder happens to sit in is not its source)."""
+    if REPO is None:
+        return None
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
