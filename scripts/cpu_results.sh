@@ -9,7 +9,7 @@
 #   OMP_NUM_THREADS=2 setsid nohup scripts/cpu_results.sh all > outputs/results/all.log 2>&1 &
 #
 # Then `scripts/collect_results.py` copies the completed runs' small files into docs/results/runs.
-set -uo pipefail
+set -euo pipefail  # an interrupted or failed sweep stops its lane: what follows waits for it
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${IDMAP_RESULTS_OUT:-outputs/results}
