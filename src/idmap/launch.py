@@ -99,10 +99,20 @@ def _spawned(rank: int, world_size: int, cfg_dict: dict, run_dir: str, port: int
     _start_group(cfg.trainer.device, rank, rank, world_size, f"tcp://127.0.0.1:{port}")
     try:
         train(cfg, run_dir, rank, world_size, choices, on_start)
-    except Interrupted:
-        pass
-    finally:
+    except BaseException as exc:
         dist.destroy_process_group()
+        if isinstance(exc, Interrupted):  # checkpointed; the parent reads the summary
+            return
+        raise  # mp.spawn reports it
+    dist.barrier()  # no rank tears its group down while a peer still talks to it
+    dist.destroy_process_group()
+    # A child that trained to the end leaves without the interpreter's teardown: on CI's 2-core
+    # machine, gloo's threads being destroyed there once aborted a finished rank ("terminate called
+    # without an active exception"), which mp.spawn turns into a failed run. Every file is closed.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(cfg: DictConfig, run_dir: Path, choices: dict, on_start=None) -> dict:
