@@ -60,8 +60,10 @@ def test_bf16_is_kept_only_when_each_of_its_errors_lies_inside_the_fp32_seeds_ra
     inside = results.precision_pairs([*fp32, *(_run("bf16", s, e) for s, e in ((1, 8.1), (2, 8.5), (3, 8.0)))])
     assert len(inside) == 1 and "faithful enough" in inside[0] and "`block=full_preact`" in inside[0]
     outside = results.precision_pairs([*fp32, *(_run("bf16", s, e) for s, e in ((1, 8.1), (2, 8.7), (3, 8.0)))])
-    assert len(outside) == 1 and "should use fp32" in outside[0]
+    assert len(outside) == 1 and "should use fp32" in outside[0] and "above the fp32 seeds' range (8.70)" in outside[0]
     assert results.precision_pairs(fp32) == []  # no pair, no verdict
+    one = results.precision_pairs([fp32[0], _run("bf16", 1, 7.5)])  # one fp32 seed: a point, no range
+    assert len(one) == 1 and "undecided" in one[0] and "should use" not in one[0] and "faithful" not in one[0]
 
 
 def test_a_folder_without_completed_runs_is_one_line_and_exit_2(tmp_path, capsys):

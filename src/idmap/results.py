@@ -131,14 +131,20 @@ def precision_pairs(runs: Sequence[Run]) -> list[str]:
         if "fp32" not in by or "bf16" not in by:
             continue
         low, high = min(by["fp32"]), max(by["fp32"])
-        inside = all(low <= e <= high for e in by["bf16"])
+        outside = [e for e in by["bf16"] if not low <= e <= high]
         fmt = lambda xs: ", ".join(f"{x:.2f}" for x in sorted(xs))  # noqa: E731
+        if len(by["fp32"]) < 2:  # one seed is a point, not a spread: any bf16 run would lie outside
+            verdict = "One fp32 seed has no spread yet: undecided until a second fp32 seed completes."
+        elif not outside:
+            verdict = ("Every bf16 error lies inside the fp32 seeds' range: bf16 is faithful enough here "
+                       "at this length, as far as this many seeds can show.")
+        else:
+            side = "below" if all(e < low for e in outside) else "above" if all(e > high for e in outside) else "outside"
+            verdict = (f"Some bf16 error lies {side} the fp32 seeds' range ({fmt(outside)}): "
+                       "the long runs should use fp32.")
         lines.append(
             f"- `{' '.join(same)}`: fp32 seeds {fmt(by['fp32'])} (median {statistics.median(by['fp32']):.2f}); "
-            f"bf16 seeds {fmt(by['bf16'])} (median {statistics.median(by['bf16']):.2f}). "
-            + ("Every bf16 error lies inside the fp32 seeds' range: bf16 is faithful enough here at this "
-               "length, as far as this many seeds can show." if inside else
-               "Some bf16 error lies outside the fp32 seeds' range: the long runs should use fp32."))
+            f"bf16 seeds {fmt(by['bf16'])} (median {statistics.median(by['bf16']):.2f}). " + verdict)
     return lines
 
 
