@@ -5,7 +5,8 @@
 # JPEG copy of CIFAR-10 in data/, for 300 iterations; the rate is the trainer's own, after its first
 # window (which holds the compilation). Run it on an otherwise idle machine: it makes its own load.
 #
-#   scripts/cpu_arrangements.sh            (about 15 minutes on 2 cores)
+#   scripts/cpu_arrangements.sh            (all cases, a-f: about 15 minutes on 2 cores)
+#   NEIGHBOUR=running scripts/cpu_arrangements.sh d e f   (beside a training run already going)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,19 +30,28 @@ print(f"{len(rows) * 100 * 128 / seconds:,.0f}")
 EOF
 }
 
-busy() {  # a neighbour that takes one core, as a test run or a compile does
-    "$PY" -c 'while True: pass' & echo $!
+busy() {  # a neighbour that takes one core, as a test run or a compile does (its output closed, or
+          # $(busy) would wait for it). NEIGHBOUR=running: one already runs (a training run), start none.
+    if [ "${NEIGHBOUR:-}" = running ]; then echo ""; else "$PY" -c 'while True: pass' >/dev/null 2>&1 & echo $!; fi
 }
+
+want() { [ -z "$CASES" ] || [[ " $CASES " == *" $1 "* ]]; }  # the cases named on the command line
+CASES="$*"
 
 echo "| arrangement | images/s per run | images/s in all |"
 echo "|---|---|---|"
-train a 2 && r=$(rate a) && echo "| one run, 2 threads, machine idle | $r | $r |"
-train b 1 && r=$(rate b) && echo "| one run, 1 thread, machine idle | $r | $r |"
-train c1 1 & train c2 1; wait
-r1=$(rate c1); r2=$(rate c2)
-echo "| two runs, 1 thread each | $r1 + $r2 | $(( ${r1//,/} + ${r2//,/} )) |"
-pid=$(busy)
-train d 2 && r=$(rate d) && echo "| one run, 2 threads, beside a busy process | $r | $r |"
-train e 2 OMP_WAIT_POLICY=PASSIVE && r=$(rate e) && echo "| the same, OMP_WAIT_POLICY=PASSIVE | $r | $r |"
-train f 1 && r=$(rate f) && echo "| one run, 1 thread, beside a busy process | $r | $r |"
-kill "$pid"
+if want a; then train a 2 && r=$(rate a) && echo "| one run, 2 threads, machine idle | $r | $r |"; fi
+if want b; then train b 1 && r=$(rate b) && echo "| one run, 1 thread, machine idle | $r | $r |"; fi
+if want c; then
+    train c1 1 & train c2 1; wait
+    r1=$(rate c1); r2=$(rate c2)
+    echo "| two runs, 1 thread each | $r1 + $r2 | $(( ${r1//,/} + ${r2//,/} )) |"
+fi
+if want d || want e || want f; then
+    pid=$(busy)
+    beside="beside a busy process"; [ -z "$pid" ] && beside="beside a one-thread training run"
+    if want d; then train d 2 && r=$(rate d) && echo "| one run, 2 threads, $beside | $r | $r |"; fi
+    if want e; then train e 2 OMP_WAIT_POLICY=PASSIVE && r=$(rate e) && echo "| the same, OMP_WAIT_POLICY=PASSIVE | $r | $r |"; fi
+    if want f; then train f 1 && r=$(rate f) && echo "| one run, 1 thread, $beside | $r | $r |"; fi
+    [ -z "$pid" ] || kill "$pid"
+fi
