@@ -14,7 +14,8 @@ from idmap.runs import Run
 SHORT = [*TINY, "trainer.max_iters=20", "trainer.eval_every=10", "trainer.checkpoint_every=20"]
 
 
-def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_each_ran(tmp_path):
+def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_each_ran(tmp_path, monkeypatch,
+                                                                                       capsys):
     out = tmp_path / "outputs"
     run_train("-m", *SHORT, "seed=1,2", "trainer.precision=bf16,fp32", f"hydra.sweep.dir={out / 'pair'}")
     stopped = out / "pair" / "9_stopped"  # a run that did not finish its schedule is no result
@@ -32,6 +33,13 @@ def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_ea
     assert any(n.startswith("events.out.tfevents.") for n in names)
     assert (kept / "pair" / "multirun.yaml").is_file() and not (kept / "pair" / "9_stopped").exists()
     assert (run / "summary.json").read_bytes() == (out / "pair" / "0_full_preact_110" / "summary.json").read_bytes()
+    elsewhere = tmp_path / "elsewhere"  # collecting again from another folder: the same runs, and
+    elsewhere.mkdir()                   # nothing but the "kept" lines (no page, no figures there)
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert cli.results([str(kept), "--collect", str(out)]) == 0
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 4 and all(line.startswith("kept ") for line in said) and not any(elsewhere.iterdir())
 
     (kept.parent / "reading.md").write_text("What the numbers say.")
     page_path = tmp_path / "docs" / "results.md"

@@ -148,16 +148,17 @@ def precision_pairs(runs: Sequence[Run]) -> list[str]:
     return lines
 
 
-def page(root: Path, figures: Path, out: Optional[Path]) -> str:
+def page(root: Path, figures: Optional[Path], out: Optional[Path]) -> str:
+    """The page's text; the curves are drawn into `figures` (None: none drawn)."""
     runs, _ = load_runs([root])  # the report below warns of what it finds odd
     runs = sorted((r for r in runs if completed(r.path)), key=lambda r: str(r.path))
     if not runs:
         raise IdmapError(f"{root}: no completed runs (scripts/results.py {root} --collect outputs/results)")
     base = out.parent if out else Path.cwd()
-    figures.mkdir(parents=True, exist_ok=True)
-    curve_links = []
+    curve_links = [] if figures else ["(not drawn: a printed page draws its curves only where --figures says)"]
     for name, argv in (("curves_resnet20_ablation.png", ["--table", "resnet20_ablation"]),
-                       ("curves_precision.png", ["--by", "trainer.precision"])):
+                       ("curves_precision.png", ["--by", "trainer.precision"])) if figures else ():
+        figures.mkdir(parents=True, exist_ok=True)
         path = figures / name
         with contextlib.redirect_stderr(io.StringIO()):
             drawn = curves.main([str(root), *argv, "-o", str(path)]) == 0
@@ -210,16 +211,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--collect", type=Path, metavar="DIR",
                         help="first copy the completed runs under DIR (e.g. outputs/results) into RUNS")
     parser.add_argument("--out", type=Path, help="write the page here (default: print it)")
-    parser.add_argument("--figures", type=Path, help="where the curves go (default: figures/ beside --out)")
+    parser.add_argument("--figures", type=Path,
+                        help="where the curves go (default: figures/ beside --out; a printed page draws none)")
     args = parser.parse_args(argv)
     if args.collect:
         if not args.collect.is_dir():
             raise IdmapError(f"--collect {args.collect}: not a directory")
         for run in collect(args.collect, args.runs):
             print(f"kept {run}")
+        if not args.out:  # collecting alone writes nothing else (no page on stdout, no figures here)
+            return 0
     if not args.runs.is_dir():
         raise IdmapError(f"{args.runs}: not a directory")
-    figures = args.figures or (args.out.parent if args.out else Path.cwd()) / "figures"
+    figures = args.figures or (args.out.parent / "figures" if args.out else None)
     text = page(args.runs, figures, args.out)
     if args.out:
         rundir.atomic_write(args.out, lambda f: f.write(text), mode="w")
