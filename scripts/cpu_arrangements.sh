@@ -2,19 +2,21 @@
 # How to train on a small CPU machine: train.py's throughput under each arrangement of threads and
 # neighbours (docs/benchmarks.md, "Training on the CPU"). Each case trains the paper protocol's
 # ResNet-20 (full pre-activation, BN over 64) in bf16 + channels_last + fused SGD + compile, on the
-# JPEG copy of CIFAR-10 in data/, for 300 iterations; the rate is the trainer's own, after its first
-# window (which holds the compilation). Run it on an otherwise idle machine: it makes its own load.
+# JPEG copy of CIFAR-10 in data/, for 300 iterations (ITERS); the rate is the trainer's own over its
+# windows of 100 iterations (WINDOW) after the first, which holds the compilation. Run it on an
+# otherwise idle machine (it makes its own load), or name the cases to run beside a training run.
 #
 #   scripts/cpu_arrangements.sh            (all cases, a-f: about 15 minutes on 2 cores)
-#   NEIGHBOUR=running scripts/cpu_arrangements.sh d e f   (beside a training run already going)
+#   NEIGHBOUR=running ITERS=60 WINDOW=20 scripts/cpu_arrangements.sh e f   (beside a run going on;
+#                                          short: a collapsed 2-thread run makes 25 images/s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
 RUN=(depth=20 block=full_preact dataset=cifar10_jpeg trainer.device=cpu trainer.precision=bf16
-     trainer.channels_last=true trainer.compile=default optim.impl=fused trainer.max_iters=300
-     trainer.eval_every=100 trainer.checkpoint_every=100000 trainer.progress=false)
+     trainer.channels_last=true trainer.compile=default optim.impl=fused trainer.max_iters=${ITERS:-300}
+     trainer.eval_every=${WINDOW:-100} trainer.checkpoint_every=100000 trainer.progress=false)
 
 train() {  # train NAME THREADS [VAR=VALUE...]: one run in $WORK/NAME
     local name=$1 threads=$2; shift 2
@@ -22,11 +24,11 @@ train() {  # train NAME THREADS [VAR=VALUE...]: one run in $WORK/NAME
 }
 
 rate() {  # images/s of run NAME after its first window
-    "$PY" - "$WORK/$1/metrics.jsonl" <<'EOF'
+    "$PY" - "$WORK/$1/metrics.jsonl" "${WINDOW:-100}" <<'EOF'
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])][1:]
-seconds = sum(100 * 128 / r["images_per_sec"] for r in rows)
-print(f"{len(rows) * 100 * 128 / seconds:,.0f}")
+rows, window = [json.loads(line) for line in open(sys.argv[1])][1:], int(sys.argv[2])
+seconds = sum(window * 128 / r["images_per_sec"] for r in rows)
+print(f"{len(rows) * window * 128 / seconds:,.0f}")
 EOF
 }
 
