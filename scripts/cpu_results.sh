@@ -8,7 +8,8 @@
 #
 #   OMP_NUM_THREADS=2 setsid nohup scripts/cpu_results.sh all > outputs/results/all.log 2>&1 &
 #
-# Then `scripts/collect_results.py` copies the completed runs' small files into docs/results/runs.
+# Then `scripts/results.py docs/results/runs --collect outputs/results --out docs/results.md` copies the
+# completed runs' small files into docs/results/runs and writes the page from them.
 set -euo pipefail  # an interrupted or failed sweep stops its lane: what follows waits for it
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -45,5 +46,6 @@ case "${1:-}" in
     all) pair; for o in original full_preact relu_before_add bn_after_add relu_only_preact; do ablation $o; done ;;
     1) ablation original; ablation relu_before_add; ablation bn_after_add ;;
     2) pair; ablation full_preact; ablation relu_only_preact ;;
-    *) echo "usage: $0 all|1|2 (all the runs in order, or one of two lanes)" >&2; exit 2 ;;
+    pair) pair ;;
+    *) echo "usage: $0 all|1|2|pair (all the runs in order, one of two lanes, or the bf16 check alone)" >&2; exit 2 ;;
 esac
