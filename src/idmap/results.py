@@ -139,7 +139,8 @@ def precision_pairs(runs: Sequence[Run]) -> list[str]:
             verdict = ("Every bf16 error lies inside the fp32 seeds' range: bf16 is faithful enough here "
                        "at this length, as far as this many seeds can show.")
         else:
-            side = "below" if all(e < low for e in outside) else "above" if all(e > high for e in outside) else "outside"
+            side = ("below" if all(e < low for e in outside) else
+                    "above" if all(e > high for e in outside) else "outside")
             verdict = (f"Some bf16 error lies {side} the fp32 seeds' range ({fmt(outside)}): "
                        "the long runs should use fp32.")
         lines.append(
