@@ -6,9 +6,10 @@
 # windows of 100 iterations (WINDOW) after the first, which holds the compilation. Run it on an
 # otherwise idle machine (it makes its own load), or name the cases to run beside a training run.
 #
-#   scripts/cpu_arrangements.sh            (all cases, a-f: about 15 minutes on 2 cores)
+#   scripts/cpu_arrangements.sh            (all cases, a-f: about 15 minutes on 2 cores idle)
 #   NEIGHBOUR=running ITERS=60 WINDOW=20 scripts/cpu_arrangements.sh e f   (beside a run going on;
-#                                          short: a collapsed 2-thread run makes 25 images/s)
+#                                          short: a collapsed 2-thread run made 25 images/s here,
+#                                          torch 2.14.1, 2026-12-05: docs/benchmarks.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

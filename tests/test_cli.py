@@ -31,6 +31,8 @@ def _one_line(proc: subprocess.CompletedProcess, code: int, text: str) -> None:
     ("landscape", ["{missing}", "--device", "cpu"], "no checkpoint at"),
     ("signals", ["--blocks", "original", "--depths", "100", "-o", "{tmp}/s.png"], "--depths 100: depth 100 is not"),
     ("signals", ["--runs", "{missing}", "-o", "{tmp}/s.png"], "no checkpoint at"),
+    ("results", ["{missing}"], "not a directory"),
+    ("results", ["{tmp}", "--collect", "{missing}"], "not a directory"),
 ])
 def test_each_script_says_what_is_wrong_with_its_input_in_one_line_and_exits_2(tmp_path, name, args, text):
     args = [a.format(missing=tmp_path / "nowhere", tmp=tmp_path) for a in args]

@@ -78,6 +78,9 @@ def test_a_folder_without_completed_runs_is_one_line_and_exit_2(tmp_path, capsys
     assert cli.results([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no completed runs" in err[0] and "--collect" in err[0]
+    assert cli.results([str(tmp_path), "--colect", "x"]) == 2  # a bad flag: one line, not argparse's usage
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--colect" in err[0] and "--help" in err[0]
 
 
 def test_the_command_of_a_run_is_one_a_shell_takes_as_recorded():

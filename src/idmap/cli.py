@@ -1,4 +1,5 @@
-"""The scripts' common edge (report, curves, evaluate, bench, signals, landscape, plan, gpu-check):
+"""The scripts' common edge (report, curves, evaluate, bench, signals, landscape, plan, gpu-check,
+results):
 the exit codes train.py has, 0 for a result, 2 for bad input, 1 for an internal error, and one line
 instead of a traceback unless --debug is given."""
 

@@ -12,7 +12,6 @@ the reading of the numbers, comes from reading.md beside the runs folder.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -22,7 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from idmap import IdmapError, curves, report, rundir
+from idmap import IdmapError, cli, curves, report, rundir
 from idmap.runs import Run, load_runs
 
 TENSORBOARD = "events.out.tfevents.*"
@@ -207,7 +206,7 @@ def _relative(path: Path, base: Path) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path, help="the folder of kept runs, e.g. docs/results/runs")
     parser.add_argument("--collect", type=Path, metavar="DIR",
                         help="first copy the completed runs under DIR (e.g. outputs/results) into RUNS")
