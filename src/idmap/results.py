@@ -115,20 +115,25 @@ def run_table(runs: Sequence[Run], root: Path) -> list[str]:
     return lines
 
 
-def precision_pairs(runs: Sequence[Run]) -> list[str]:
-    """For runs that differ only in seed and precision: whether each bf16 run's final error lies
-    inside the range of the fp32 seeds' (the check that lets the long runs use bf16)."""
-    groups: dict[tuple, dict[str, list[float]]] = {}
+def _pairs(runs: Sequence[Run]) -> dict[tuple, dict[str, list[Run]]]:
+    """Runs that differ only in seed and precision, with both fp32 and bf16 among them, by the rest
+    of their overrides and then by precision."""
+    groups: dict[tuple, dict[str, list[Run]]] = {}
     for run in runs:
         if run.outcome is None:
             continue
         precision = (run.config.trainer.precision if run.config is not None else None) or "fp32"
         same = tuple(sorted(o for o in run.overrides if rundir.override_key(o) not in _HOW))
-        groups.setdefault(same, {}).setdefault(precision, []).append(run.outcome)
+        groups.setdefault(same, {}).setdefault(precision, []).append(run)
+    return {same: by for same, by in groups.items() if "fp32" in by and "bf16" in by}
+
+
+def precision_pairs(runs: Sequence[Run]) -> list[str]:
+    """For runs that differ only in seed and precision: whether each bf16 run's final error lies
+    inside the range of the fp32 seeds' (the check that lets the long runs use bf16)."""
     lines = []
-    for same, by in groups.items():
-        if "fp32" not in by or "bf16" not in by:
-            continue
+    for same, paired in _pairs(runs).items():
+        by = {precision: [r.outcome for r in group] for precision, group in paired.items()}
         low, high = min(by["fp32"]), max(by["fp32"])
         outside = [e for e in by["bf16"] if not low <= e <= high]
         fmt = lambda xs: ", ".join(f"{x:.2f}" for x in sorted(xs))  # noqa: E731
@@ -156,12 +161,17 @@ def page(root: Path, figures: Optional[Path], out: Optional[Path]) -> str:
         raise IdmapError(f"{root}: no completed runs (scripts/results.py {root} --collect outputs/results)")
     base = out.parent if out else Path.cwd()
     curve_links = [] if figures else ["(not drawn: a printed page draws its curves only where --figures says)"]
-    for name, argv in (("curves_resnet20_ablation.png", ["--table", "resnet20_ablation"]),
-                       ("curves_precision.png", ["--by", "trainer.precision"])) if figures else ():
+    # The precision check's curves hold its own runs only (a long run of one precision would squash
+    # them), with room for their higher errors.
+    paired = [str(r.path) for by in _pairs(runs).values() for group in by.values() for r in group]
+    drawings = [("curves_resnet20_ablation.png", [str(root), "--table", "resnet20_ablation"])]
+    if paired:
+        drawings.append(("curves_precision.png", [*paired, "--by", "trainer.precision", "--ymax", "40"]))
+    for name, argv in drawings if figures else ():
         figures.mkdir(parents=True, exist_ok=True)
         path = figures / name
         with contextlib.redirect_stderr(io.StringIO()):
-            drawn = curves.main([str(root), *argv, "-o", str(path)]) == 0
+            drawn = curves.main([*argv, "-o", str(path)]) == 0
         if drawn:
             curve_links.append(f"![{name}]({_relative(path, base)})")
     reading = root.parent / "reading.md"
@@ -189,7 +199,8 @@ def page(root: Path, figures: Optional[Path], out: Optional[Path]) -> str:
         "## Curves",
         "",
         "Training error dashed, test error solid, median over seeds with the range of seeds shaded "
-        f"(`scripts/plot_curves.py {root} --table resnet20_ablation` and `--by trainer.precision`).",
+        f"(`scripts/plot_curves.py {root} --table resnet20_ablation`; the bf16 check's runs alone "
+        "with `--by trainer.precision --ymax 40`).",
         "",
         *curve_links,
         "",
