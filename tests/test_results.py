@@ -70,6 +70,9 @@ def test_bf16_is_kept_only_when_each_of_its_errors_lies_inside_the_fp32_seeds_ra
     outside = results.precision_pairs([*fp32, *(_run("bf16", s, e) for s, e in ((1, 8.1), (2, 8.7), (3, 8.0)))])
     assert len(outside) == 1 and "should use fp32" in outside[0] and "above the fp32 seeds' range (8.70)" in outside[0]
     assert results.precision_pairs(fp32) == []  # no pair, no verdict
+    uneven = results.precision_pairs([*fp32[:2], *(_run("bf16", s, e) for s, e in ((1, 8.1), (2, 8.5), (3, 8.7)))])
+    assert "should use fp32" in uneven[0] and "2 fp32 seeds against 3 bf16" in uneven[0]
+    assert "against" not in outside[0]  # even seeds: the verdict stands
     one = results.precision_pairs([fp32[0], _run("bf16", 1, 7.5)])  # one fp32 seed: a point, no range
     assert len(one) == 1 and "undecided" in one[0] and "should use" not in one[0] and "faithful" not in one[0]
 

@@ -147,6 +147,9 @@ def precision_pairs(runs: Sequence[Run]) -> list[str]:
                     "above" if all(e > high for e in outside) else "outside")
             verdict = (f"Some bf16 error lies {side} the fp32 seeds' range ({fmt(outside)}): "
                        "the long runs should use fp32.")
+        if 2 <= len(by["fp32"]) < len(by["bf16"]):  # a seed still to come may widen the range
+            verdict += (f" ({len(by['fp32'])} fp32 seeds against {len(by['bf16'])} bf16: the verdict may "
+                        "change once they are even.)")
         lines.append(
             f"- `{' '.join(same)}`: fp32 seeds {fmt(by['fp32'])} (median {statistics.median(by['fp32']):.2f}); "
             f"bf16 seeds {fmt(by['bf16'])} (median {statistics.median(by['bf16']):.2f}). " + verdict)
