@@ -40,6 +40,9 @@ busy() {  # a neighbour that takes one core, as a test run or a compile does (it
 
 want() { [ -z "$CASES" ] || [[ " $CASES " == *" $1 "* ]]; }  # the cases named on the command line
 CASES="$*"
+for c in $CASES; do
+    [[ " a b c d e f " == *" $c "* ]] || { echo "unknown case '$c': name cases a-f, or none for all" >&2; exit 2; }
+done
 
 echo "| arrangement | images/s per run | images/s in all |"
 echo "|---|---|---|"

@@ -107,8 +107,9 @@ def _spawned(rank: int, world_size: int, cfg_dict: dict, run_dir: str, port: int
     dist.barrier()  # no rank tears its group down while a peer still talks to it
     dist.destroy_process_group()
     # A child that trained to the end leaves without the interpreter's teardown: on CI's 2-core
-    # machine, gloo's threads being destroyed there once aborted a finished rank ("terminate called
-    # without an active exception"), which mp.spawn turns into a failed run. Every file is closed.
+    # machine a finished rank once aborted ("terminate called without an active exception", most
+    # likely gloo's threads destroyed there), which mp.spawn turns into a failed run. Every file is
+    # closed by now.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
