@@ -16,8 +16,9 @@ PY=${PY:-.venv/bin/python}
 OUT=${IDMAP_RESULTS_OUT:-outputs/results}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-# The fastest setting that keeps the paper's algorithm on this CPU (bf16 autocast; docs/results.md
-# holds the bf16-against-fp32 check), on the JPEG copy of CIFAR-10, evaluated every 1,000 iterations.
+# The fastest setting that keeps the paper's algorithm on this CPU, on the JPEG copy of CIFAR-10,
+# evaluated every 1,000 iterations. Precision is set per sweep: the orderings train in fp32 because
+# the bf16-against-fp32 check (docs/results/reading.md) did not show bf16 inside fp32's seed range.
 CPU=(dataset=cifar10_jpeg trainer.device=cpu trainer.channels_last=true trainer.compile=default
      optim.impl=fused trainer.checkpoint_every=1000)
 
@@ -31,9 +32,10 @@ sweep() {  # sweep NAME OVERRIDES...: start the sweep in $OUT/NAME, or resume it
     fi
 }
 
-ablation() {  # one ordering of the ResNet-20 seed experiment, seed 1, the full paper protocol
+ablation() {  # one ordering of the ResNet-20 seed experiment, seed 1, the full paper protocol, fp32
+              # (the original's completed run predates the check and stays, labelled bf16)
     sweep "resnet20_ablation/$1" +experiment=resnet20_ablation resnet20_ablation="$1" seed=1 \
-        trainer.precision=bf16 "${CPU[@]}"
+        trainer.precision=fp32 "${CPU[@]}"
 }
 
 pair() {  # Is bf16 faithful enough? Full pre-activation ResNet-20, 4,000 iterations (LR drops scaled

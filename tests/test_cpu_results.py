@@ -42,7 +42,7 @@ def test_a_lane_runs_its_orderings_in_order_and_stops_at_a_failed_sweep(tmp_path
     starts = calls.read_text().splitlines()
     orderings = [c.split("resnet20_ablation=")[1].split()[0] for c in starts]
     assert orderings == ["original", "relu_before_add", "bn_after_add"]
-    assert all("+experiment=resnet20_ablation" in c and "trainer.precision=bf16" in c and "seed=1" in c.split()
+    assert all("+experiment=resnet20_ablation" in c and "trainer.precision=fp32" in c and "seed=1" in c.split()
                for c in starts)
     failing, failed_calls, _ = _lanes(tmp_path / "failing", exit_code=1)
     assert failing("1").returncode == 1 and len(failed_calls.read_text().splitlines()) == 1
