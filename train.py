@@ -15,7 +15,8 @@ import hydra  # noqa: E402
 from hydra.errors import HydraException  # noqa: E402
 
 from idmap import bad_input  # noqa: E402
-from idmap.config import check_overrides, one_line_message, quote_numeric_choices, register_configs  # noqa: E402
+from idmap.config import one_line_message, quote_numeric_choices, register_configs  # noqa: E402
+from idmap.overrides import check_overrides  # noqa: E402
 from idmap.launch import before_hydra  # noqa: E402
 from idmap.resume import resume_argv  # noqa: E402
 

@@ -40,7 +40,7 @@ def test_hydra_is_imported_only_at_the_edge():
     # plan.py expands a sweep with Hydra's own sweeper, as train.py -m would; sweep.py is the
     # sweep's end as a Hydra callback; slurm.py is the SLURM launcher, a Hydra plugin
     # (docs/architecture.md).
-    assert set(importers) <= {"launch.py", "sweep.py", "config.py", "plan.py", "slurm.py"}
+    assert set(importers) <= {"launch.py", "sweep.py", "config.py", "overrides.py", "plan.py", "slurm.py"}
 
 
 def test_each_shortcut_option_has_one_default_shared_by_the_builder_and_the_config():

@@ -13,7 +13,7 @@ from conftest import ROOT, TINY
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from idmap import IdmapError, cli
-from idmap.config import Config, _rules, compose_checked
+from idmap.config import Config, compose_checked, keys
 
 
 def schema_keys(cls=Config, prefix="") -> dict[str, typing.Any]:
@@ -64,7 +64,7 @@ GROUPS = [("depth", "-5"), ("depth", "100x"), ("block", "preact"), ("shortcut", 
 
 
 def test_every_key_of_the_schema_has_a_valid_range_or_set_of_choices():
-    assert set(_rules()) == set(KEYS)
+    assert set(keys()) == set(KEYS)
 
 
 def _refused(overrides: list[str]) -> str:

@@ -18,7 +18,7 @@ from conftest import ROOT, TINY
 from idmap import IdmapError
 from idmap.checkpoint import load_checkpoint
 from idmap.cli import plan
-from idmap.config import check_overrides
+from idmap.overrides import check_overrides
 from idmap.launch import claim
 from idmap.resume import resume_argv
 from idmap.rundir import unlock_run_dir

@@ -297,7 +297,7 @@ def plan(args, device: torch.device, depth: int) -> tuple[list[Setting], dict[st
 
 def parse_args(argv):
     from idmap import cli
-    from idmap.config import check_overrides
+    from idmap.overrides import check_overrides
 
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

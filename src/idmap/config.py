@@ -4,118 +4,221 @@ Defaults are the paper's CIFAR protocol (docs/paper.md, "Training protocol"); th
 select among the paper's choices and only override what differs.
 """
 
+import copy
+import dataclasses
+import functools
 import math
-import os
 import re
+import typing
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from idmap import IdmapError
-from idmap.models import SHORTCUT_DEFAULTS
+from idmap.data import DATASETS, NORMALIZATIONS
+from idmap.models import DOWNSAMPLES, SHORTCUT_DEFAULTS, SHORTCUTS, UNITS
 from idmap.paths import CONF  # the project's config groups (train.yaml's)
+from idmap.runtime import COMPILE_MODES, DEVICE, PRECISIONS, SGD_IMPLS
 
 
-@dataclass
-class ModelConfig:
-    depth: int = 110
-    unit: str = "auto"  # basic | bottleneck | single | auto (paper's choice for the depth)
-    block: str = "full_preact"  # figure 4 (a)-(e), or the name of a block file's own ordering
-    # A unit the paper did not try: {layer, last, after_add} as lists of bn/relu/conv, checked by
-    # idmap.orderings (Any here, so that a malformed one gets that one-line message, not Hydra's).
-    ordering: Optional[Any] = None
-    downsample: str = "auto"  # zero_pad | projection | auto
-    widths: Optional[List[int]] = None  # per stage; None = the paper's 16/32/64
-    units_per_stage: Optional[List[int]] = None  # None = derived from depth
-    zero_init_residual: bool = False
-    # Ghost batch norm: BN statistics over chunks of this many images, as the paper's 2 GPUs x 64.
-    bn_batch: Optional[int] = None
-    # Activation checkpointing per unit: trades compute for memory (ResNet-1001 on one GPU).
-    checkpointing: bool = False
+# --------------------------------------------------------------------------------------------------
+# Every key once: its type and default (the dataclass field), what values it allows, what it is for
+# (its roles), and its help line. check_config, the resume rules, the sweep report's pooling,
+# idmap-plan's timing key, TensorBoard's hparams and `train.py --help` all read these declarations.
+# --------------------------------------------------------------------------------------------------
+class Role(Enum):
+    """What a key is for, beyond the value it sets."""
+
+    RESUMABLE = "how a run runs, not what it computes: a resumed run may change it"
+    SWITCH = "picks other kernels: a resume that changes it continues equal up to rounding, not bit for bit"
+    POOLED = "never tells settings apart in a sweep's report (the seed is pooled; where a run ran)"
+    PER_RUN = "not repeated by a sweep report's --next commands (they give new seeds and start afresh)"
+    STEP_COST = "what one training step's time depends on (idmap-plan times one model per distinct value)"
+    HPARAM = "a column of TensorBoard's HParams view"
+
+
+R, S, P, N, C, H = Role.RESUMABLE, Role.SWITCH, Role.POOLED, Role.PER_RUN, Role.STEP_COST, Role.HPARAM
+
+
+class Rule(NamedTuple):
+    """A key's valid values: `test(value)`, and `allowed()` saying what they are in a message."""
+
+    test: Callable[[Any], bool]
+    allowed: Callable[[], str]
+
+
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v, low: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _rule(test, allowed: str) -> Rule:
+    return Rule(test, lambda: allowed)
+
+
+def _integer(low: int, note: str = "") -> Rule:
+    return _rule(lambda v: _is_int(v, low), f"an integer >= {low}{note}")
+
+
+def _choice(names: Sequence[str]) -> Rule:
+    """One of the names the implementing module gives (its one home)."""
+    return _rule(lambda v: v in names, "one of " + ", ".join(names))
+
+
+def _ints(v) -> bool:  # None (the paper's layout) or a non-empty list of positive integers
+    return v is None or (len(v) > 0 and all(_is_int(x, 1) for x in v))
+
+
+def _increasing(v, item) -> bool:
+    return all(item(m) for m in v) and list(v) == sorted(set(v))
+
+
+TEXT = _rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+BOOL = _rule(lambda v: isinstance(v, bool), "true or false")
+POSITIVE = _rule(lambda v: _real(v) and v > 0, "a finite number > 0")
+AT_LEAST_0 = _rule(lambda v: _real(v) and v >= 0, "a finite number >= 0")
+FRACTION = _rule(lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)")
+ANY = _rule(lambda v: True, "anything")
+
+
+def setting(default, rule: Rule, *roles: Role, help: str = "", hparam: Optional[str] = None):  # noqa: A002
+    """A key of the schema: a dataclass field carrying its rule, roles and help (`hparam`: the
+    name TensorBoard shows, where not the key itself)."""
+    meta = {"rule": rule, "roles": frozenset(roles), "help": help, "hparam": hparam}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 _S = SHORTCUT_DEFAULTS  # each shortcut option's default lives with its shortcut in models.py
 
 
 @dataclass
+class ModelConfig:
+    depth: int = setting(110, _integer(1), C, H, help="layers with weights (conf/depth/ names the paper's)")
+    unit: str = setting("auto", _choice(("auto", *UNITS)), C, H,
+                        help="auto: the paper's choice for the depth")
+    # A paper ordering's name, or the name of a block file's own ordering (checked in _joint).
+    block: str = setting("full_preact", TEXT, C, H, help="figure 4's ordering (a)-(e), or a block file's own")
+    # A unit the paper did not try: {layer, last, after_add} as lists of bn/relu/conv, checked by
+    # idmap.orderings (Any here, so that a malformed one gets that one-line message, not Hydra's).
+    ordering: Optional[Any] = setting(None, _rule(lambda v: v is None or isinstance(v, dict),
+                                                  "null or a mapping of layer, last and after_add"), C, H,
+                                      help="a block file's ordering: layer, last and after_add")
+    downsample: str = setting("auto", _choice(("auto", *DOWNSAMPLES)), C, H,
+                              help="the shortcut where a stage changes shape; auto: projection for bottleneck units")
+    widths: Optional[List[int]] = setting(None, _rule(_ints, "null or a list of integers >= 1"), C, H,
+                                          help="channels per stage; null: the paper's 16/32/64")
+    units_per_stage: Optional[List[int]] = setting(None, _rule(_ints, "null or a list of integers >= 1"), C, H,
+                                                   help="units per stage; null: derived from the depth")
+    zero_init_residual: bool = setting(False, BOOL, C, H, help="each residual branch's last BN starts at 0")
+    bn_batch: Optional[int] = setting(None, _rule(lambda v: v is None or _is_int(v, 1), "null or an integer >= 1"),
+                                      C, H, help="ghost BN: statistics over chunks of this many images "
+                                                 "(the paper's 2 GPUs x 64)")
+    checkpointing: bool = setting(False, BOOL, C, H, help="activation checkpointing per unit: compute for "
+                                                          "memory (ResNet-1001 on one GPU)")
+
+
+@dataclass
 class ShortcutConfig:
     """Figure 2 / table 1. Only the parameters of the chosen shortcut are read."""
 
-    name: str = "identity"
-    shortcut_scale: float = _S["shortcut_scale"]  # constant_scaling: lambda on h(x)
-    residual_scale: float = _S["residual_scale"]  # constant_scaling: lambda on F(x)
-    gate_bias: float = _S["gate_bias"]  # exclusive_gating, shortcut_only_gating: initial b_g
-    gate_bn: bool = _S["gate_bn"]  # UNVERIFIED in the paper: BN after the gate's 1x1 conv
-    dropout_p: float = _S["dropout_p"]  # dropout
-    dropout_rescale: bool = _S["dropout_rescale"]  # UNVERIFIED: Caffe scales kept values by 1/(1-p)
+    name: str = setting("identity", _choice(tuple(SHORTCUTS)), C, H, help="figure 2's shortcut")
+    # Table 1 scales h(x) by 0 (no shortcut at all): a scale may be 0.
+    shortcut_scale: float = setting(_S["shortcut_scale"], AT_LEAST_0, C, H, help="constant_scaling: lambda on h(x)")
+    residual_scale: float = setting(_S["residual_scale"], AT_LEAST_0, C, H, help="constant_scaling: lambda on F(x)")
+    gate_bias: float = setting(_S["gate_bias"], _rule(_real, "a finite number"), C, H,
+                               help="exclusive_gating, shortcut_only_gating: initial b_g")
+    gate_bn: bool = setting(_S["gate_bn"], BOOL, C, H, help="UNVERIFIED in the paper: BN after the gate's 1x1 conv")
+    dropout_p: float = setting(_S["dropout_p"], FRACTION, C, H, help="dropout: the probability of dropping h(x)")
+    dropout_rescale: bool = setting(_S["dropout_rescale"], BOOL, C, H,
+                                    help="UNVERIFIED: Caffe scales kept values by 1/(1-p)")
 
 
 @dataclass
 class DatasetConfig:
-    name: str = "cifar10"  # cifar10 | cifar100 | imagefolder | synthetic
-    root: str = "${oc.env:IDMAP_DATA,data}"
-    download: bool = True
-    # What reports call the data; empty = the loader's own name. Set it for copies that are not
-    # the official release, e.g. "CIFAR-10 (JPEG copy)".
-    label: str = ""
-    normalization: str = "channel"  # channel (per-channel mean/std) | pixel (per-pixel mean, v1)
-    augment: bool = True  # zero-pad 4, random 32x32 crop, random horizontal flip
-    # synthetic only
-    num_train: int = 5000
-    num_test: int = 1000
-    num_classes: int = 10
-    image_size: int = 32
+    name: str = setting("cifar10", _choice(DATASETS), C, H, hparam="dataset",
+                        help="the data (conf/dataset/ holds ready-made settings)")
+    root: str = setting("${oc.env:IDMAP_DATA,data}", TEXT, R, help="where the data sets are (or are downloaded to)")
+    download: bool = setting(True, BOOL, R, help="download the official archives when missing")
+    label: str = setting("", _rule(lambda v: isinstance(v, str), "a string"), R,
+                         help="what reports call the data, e.g. 'CIFAR-10 (JPEG copy)'; empty: the loader's name")
+    normalization: str = setting("channel", _choice(NORMALIZATIONS),
+                                 help="channel: per-channel mean and std; pixel: per-pixel mean (the paper's v1)")
+    augment: bool = setting(True, BOOL, help="zero-pad 4, random 32x32 crop, random horizontal flip")
+    num_train: int = setting(5000, _integer(1), help="synthetic only: training images")
+    num_test: int = setting(1000, _integer(1), help="synthetic only: test images")
+    num_classes: int = setting(10, _integer(2), C, help="synthetic only: classes")
+    image_size: int = setting(32, _integer(1), C, help="synthetic only: image side in pixels")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    gamma: float = 0.1
-    milestones: List[int] = field(default_factory=lambda: [32000, 48000])  # iterations
-    # When set, replaces `milestones` with epochs (the Torch code's recipe: 81, 122).
-    milestone_epochs: Optional[List[float]] = None
-    warmup_iters: int = 400
-    warmup_lr: float = 0.01
-    impl: str = "foreach"  # foreach | fused | loop: torch.optim.SGD's implementations, same maths
+    lr: float = setting(0.1, POSITIVE, H, help="the learning rate after warm-up")
+    momentum: float = setting(0.9, FRACTION, H)
+    nesterov: bool = setting(False, BOOL, H)
+    weight_decay: float = setting(1e-4, AT_LEAST_0, H)
+    gamma: float = setting(0.1, _rule(lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"), H,
+                           help="the LR's factor at each milestone")
+    milestones: List[int] = setting([32000, 48000], _rule(lambda v: _increasing(v, lambda m: _is_int(m, 1)),
+                                                          "increasing integers >= 1 (iterations)"), H,
+                                    help="LR drops, in iterations")
+    milestone_epochs: Optional[List[float]] = setting(
+        None, _rule(lambda v: v is None or _increasing(v, lambda m: _real(m) and m > 0),
+                    "null or increasing numbers > 0 (epochs)"), H,
+        help="when set, replaces milestones with epochs (the Torch code's recipe: 81, 122)")
+    warmup_iters: int = setting(400, _integer(0), H, help="iterations at warmup_lr before lr")
+    warmup_lr: float = setting(0.01, POSITIVE, H)
+    impl: str = setting("foreach", _choice(tuple(SGD_IMPLS)), R, S, C, H,
+                        help="torch.optim.SGD's implementation (the same maths)")
 
 
 @dataclass
 class TrainerConfig:
-    max_iters: int = 64000
-    epochs: Optional[float] = None  # when set, replaces max_iters (iterations = epochs*N/batch)
-    batch_size: int = 128
-    eval_every: int = 1000
-    eval_batch_size: int = 1000
-    checkpoint_every: int = 4000
-    log_every: int = 100  # progress bar refresh and the divergence check (a host sync)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    # true: continue the checkpoint in hydra.run.dir; a run or sweep directory: continue that, with
-    # its own settings (train.py turns the path into the run's overrides, resume.resume_argv).
-    resume: Any = False
-    deterministic: bool = False
+    max_iters: int = setting(64000, _integer(1), R, help="the run's length in iterations")
+    epochs: Optional[float] = setting(None, _rule(lambda v: v is None or (_real(v) and v > 0),
+                                                  "null or a finite number > 0"), R,
+                                      help="when set, replaces max_iters (iterations = epochs*N/batch)")
+    batch_size: int = setting(128, _integer(1), C, H, hparam="batch_size", help="the global batch")
+    eval_every: int = setting(1000, _integer(1), R, help="iterations between test-set evaluations")
+    eval_batch_size: int = setting(1000, _integer(1), R)
+    checkpoint_every: int = setting(4000, _integer(1), R, help="iterations between checkpoints")
+    log_every: int = setting(100, _integer(1), R, help="progress bar refresh and the divergence check (a host sync)")
+    device: str = setting("auto", _rule(lambda v: isinstance(v, str) and DEVICE.fullmatch(v) is not None,
+                                        "auto, cpu, cuda or cuda:N"), R, S, P, C, help="where the run trains")
+    # train.py turns a path into the run's own overrides (resume.resume_argv) before the config is
+    # composed, so the config sees true or false only.
+    resume: Any = setting(False, _rule(lambda v: isinstance(v, bool), "true, false or a run or sweep directory"),
+                          R, P, N, help="true: continue the checkpoint in hydra.run.dir; a run or sweep "
+                                        "directory: continue that, with its own settings")
+    deterministic: bool = setting(False, BOOL, R, S, help="deterministic kernels (slower)")
     # Speed switches (issue 4). None changes the algorithm; bf16 changes arithmetic precision only.
-    precision: str = "fp32"  # fp32 | tf32 | bf16 (autocast, fp32 master weights)
-    channels_last: bool = False
-    compile: str = "none"  # none | default | reduce-overhead (CUDA graphs) | max-autotune
-    # Data-parallel processes spawned by this run (one per GPU, or gloo on CPU); BN stays per GPU.
-    world_size: int = 1
-    progress: bool = True  # tqdm bar; off in multiruns
-    signal_every: int = 0  # log per-unit activation/gradient norms every N iterations (0 = off)
+    precision: str = setting("fp32", _choice(PRECISIONS), R, S, C,
+                             help="bf16: autocast with fp32 master weights")
+    channels_last: bool = setting(False, BOOL, R, S, C, help="NHWC memory format")
+    compile: str = setting("none", _choice(tuple(COMPILE_MODES)), R, S, C,
+                           help="torch.compile's mode; reduce-overhead: CUDA graphs")
+    world_size: int = setting(1, _integer(1), R, C, help="data-parallel processes spawned by this run (one "
+                                                         "per GPU, or gloo on CPU); BN stays per process")
+    progress: bool = setting(True, BOOL, R, P, help="tqdm bar; off in multiruns")
+    signal_every: int = setting(0, _integer(0, " (0: off)"), R,
+                                help="log per-unit activation/gradient norms every N iterations")
 
 
 @dataclass
 class GpuPoolConfig:
     """Jobs of a sweep running in parallel on one machine take one GPU each (see idmap.gpus)."""
 
-    enabled: bool = False
-    jobs_per_gpu: int = 1
-    lock_dir: str = "${oc.env:IDMAP_GPU_LOCKS,/tmp/idmap-gpu-locks}"
+    enabled: bool = setting(False, BOOL, R, P, help="one GPU per job of a sweep on one machine")
+    jobs_per_gpu: int = setting(1, _integer(1), R, P)
+    lock_dir: str = setting("${oc.env:IDMAP_GPU_LOCKS,/tmp/idmap-gpu-locks}", TEXT, R, P)
 
 
 @dataclass
@@ -126,13 +229,92 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     gpu_pool: GpuPoolConfig = field(default_factory=GpuPoolConfig)
-    seed: int = 0
-    # Free-form tags recorded in summary.json (e.g. the table row an experiment runs).
-    tags: Dict[str, Any] = field(default_factory=dict)
+    seed: int = setting(0, _rule(lambda v: _is_int(v, 0) and v < 2**63, "an integer in [0, 2^63)"), P, N, H,
+                        help="the data order's and initialisation's seed")
+    tags: Dict[str, Any] = setting({}, _rule(lambda v: v is not None, "a mapping"), R,
+                                   help="free-form, recorded in summary.json (e.g. the table row an experiment runs)")
+
+
+class Key(NamedTuple):
+    """One declared key: its dotted name, rule, roles, help and TensorBoard name."""
+
+    name: str
+    rule: Rule
+    roles: frozenset
+    help: str
+    hparam: str
+
+
+def keys(schema: Optional[type] = None) -> Dict[str, Key]:
+    """Every key the schema (by default Config) declares, dotted, in declaration order."""
+    return _declared(schema or Config)
+
+
+@functools.lru_cache(maxsize=None)  # read-only: a schema does not change while the process runs
+def _declared(schema: type, prefix: str = "") -> Dict[str, Key]:
+    out = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_declared(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            m, name = f.metadata, prefix + f.name
+            out[name] = Key(name, m["rule"], m["roles"], m["help"], m["hparam"] or name)
+    return out
+
+
+def with_role(role: Role, schema: Optional[type] = None) -> List[str]:
+    """The keys that have `role`, in declaration order."""
+    return [k.name for k in keys(schema).values() if role in k.roles]
+
+
+# Keys outside the schema that have roles: Hydra's own settings, and conf/launcher/ (where jobs run).
+OUTSIDE = {"hydra": frozenset({R, P, N}), "launcher": frozenset({R, P})}
+
+
+def has_role(key: str, role: Role, schema: Optional[type] = None) -> bool:
+    """Whether a dotted key (or a section, or something inside a key, e.g. tags.row; or an override's
+    key, e.g. hydra.launcher.partition) has `role`: a section has it when all its keys do."""
+    head = re.split(r"[./]", key, maxsplit=1)[0]
+    if head in OUTSIDE:
+        return role in OUTSIDE[head]
+    declared = keys(schema)
+    if key in declared:
+        return role in declared[key].roles
+    parts = key.split(".")
+    for n in range(1, len(parts)):  # a key below a declared one (tags.row)
+        above = ".".join(parts[:n])
+        if above in declared:
+            return role in declared[above].roles
+    inside = [k for k in declared.values() if k.name.startswith(key + ".")]
+    return bool(inside) and all(role in k.roles for k in inside)
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="idmap_schema", node=Config)
+    """The schema train.yaml builds on, and `train.py --help` (conf/train.yaml selects it)."""
+    store = ConfigStore.instance()
+    store.store(name="idmap_schema", node=Config)
+    store.store(group="hydra/help", name="idmap", node={
+        "app_name": "train.py",
+        "header": "python train.py [GROUP=OPTION ...] [KEY=VALUE ...]: one run of the paper's protocol; "
+                  "-m with comma-separated values sweeps (README).",
+        "footer": "Use --hydra-help for Hydra's own flags; --cfg job prints the composed config.",
+        "template": "${hydra.help.header}\n\n== Groups (GROUP=OPTION) ==\n$APP_CONFIG_GROUPS\n\n"
+                    "== Settings (KEY=VALUE): the schema's default (the groups above set some: --cfg job prints a "
+                    "run's own); allowed values; what it does ==\n"
+                    + settings_help().replace("$", "\\$") + "\n\n${hydra.help.footer}\n"})
+
+
+def settings_help(schema: Optional[type] = None) -> str:
+    """One line per key for `train.py --help`: its default, what it allows and its help."""
+    defaults = OmegaConf.structured(schema or Config)
+    lines = []
+    for key in keys(schema).values():
+        default = OmegaConf.select(defaults, key.name, throw_on_resolution_failure=False)
+        default = OmegaConf.to_container(default) if OmegaConf.is_config(default) else default
+        help_text = f"; {key.help}" if key.help else ""
+        lines.append(f"  {key.name}={default}: {key.rule.allowed()}{help_text}")
+    return "\n".join(lines)
 
 
 _NUMERIC_CHOICE = re.compile(r"(\+{0,2}depth=)([-\w.,]+)")
@@ -175,88 +357,6 @@ def hydra_path(cfg, key: str) -> Optional[Path]:
         instance.cfg = before
 
 
-# --------------------------------------------------------------------------------------------------
-# Valid values: every key, checked before anything is built or written
-# --------------------------------------------------------------------------------------------------
-def _real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int(low: int):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _one_of(*names: str):
-    return lambda v: v in names
-
-
-def _ints(v) -> bool:  # None (the paper's layout) or a non-empty list of positive integers
-    return v is None or (len(v) > 0 and all(_int(1)(x) for x in v))
-
-
-_TEXT = (lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
-_BOOL = (lambda v: isinstance(v, bool), "true or false")
-_POSITIVE = (lambda v: _real(v) and v > 0, "a finite number > 0")
-_AT_LEAST_0 = (lambda v: _real(v) and v >= 0, "a finite number >= 0")
-
-
-def _rules() -> dict:
-    """key -> (test, what is allowed). Choices come from where each choice is implemented."""
-    from idmap.data import DATASETS, NORMALIZATIONS
-    from idmap.models import SHORTCUTS, UNITS
-    from idmap.runtime import DEVICE
-
-    choice = lambda names: (_one_of(*names), "one of " + ", ".join(names))  # noqa: E731
-    return {
-        "model.depth": (_int(1), "an integer >= 1"), "model.unit": choice(("auto", *UNITS)),
-        # A paper ordering's name, or the name of a block file's own ordering (checked in _joint).
-        "model.block": _TEXT,
-        # Its pieces are checked with the block file's name in the message (orderings.check_config).
-        "model.ordering": (lambda v: v is None or isinstance(v, dict),
-                           "null or a mapping of layer, last and after_add"),
-        "model.downsample": choice(("auto", "zero_pad", "projection")),
-        "model.widths": (_ints, "null or a list of integers >= 1"),
-        "model.units_per_stage": (_ints, "null or a list of integers >= 1"),
-        "model.zero_init_residual": _BOOL, "model.checkpointing": _BOOL,
-        "model.bn_batch": (lambda v: v is None or _int(1)(v), "null or an integer >= 1"),
-        # Table 1 scales h(x) by 0 (no shortcut at all): a scale may be 0.
-        "shortcut.name": choice(tuple(SHORTCUTS)), "shortcut.shortcut_scale": _AT_LEAST_0,
-        "shortcut.residual_scale": _AT_LEAST_0, "shortcut.gate_bias": (_real, "a finite number"),
-        "shortcut.gate_bn": _BOOL, "shortcut.dropout_rescale": _BOOL,
-        "shortcut.dropout_p": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "dataset.name": choice(DATASETS), "dataset.root": _TEXT, "dataset.download": _BOOL,
-        "dataset.label": (lambda v: isinstance(v, str), "a string"), "dataset.augment": _BOOL,
-        "dataset.normalization": choice(NORMALIZATIONS),
-        "dataset.num_train": (_int(1), "an integer >= 1"), "dataset.num_test": (_int(1), "an integer >= 1"),
-        "dataset.num_classes": (_int(2), "an integer >= 2"), "dataset.image_size": (_int(1), "an integer >= 1"),
-        "optim.lr": _POSITIVE, "optim.momentum": (lambda v: _real(v) and 0 <= v < 1, "a number in [0, 1)"),
-        "optim.nesterov": _BOOL, "optim.weight_decay": _AT_LEAST_0,
-        "optim.gamma": (lambda v: _real(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "optim.milestones": (lambda v: all(_int(1)(m) for m in v) and list(v) == sorted(set(v)),
-                             "increasing integers >= 1 (iterations)"),
-        "optim.milestone_epochs": (lambda v: v is None or (all(_real(m) and m > 0 for m in v)
-                                                           and list(v) == sorted(set(v))),
-                                   "null or increasing numbers > 0 (epochs)"),
-        "optim.warmup_iters": (_int(0), "an integer >= 0"), "optim.warmup_lr": _POSITIVE,
-        "optim.impl": choice(("foreach", "fused", "loop")),
-        "trainer.max_iters": (_int(1), "an integer >= 1"),
-        "trainer.epochs": (lambda v: v is None or (_real(v) and v > 0), "null or a finite number > 0"),
-        "trainer.batch_size": (_int(1), "an integer >= 1"), "trainer.eval_every": (_int(1), "an integer >= 1"),
-        "trainer.eval_batch_size": (_int(1), "an integer >= 1"),
-        "trainer.checkpoint_every": (_int(1), "an integer >= 1"), "trainer.log_every": (_int(1), "an integer >= 1"),
-        "trainer.device": (lambda v: isinstance(v, str) and DEVICE.fullmatch(v) is not None,
-                           "auto, cpu, cuda or cuda:N"),
-        "trainer.resume": (lambda v: isinstance(v, bool), "true, false or a run or sweep directory"),
-        "trainer.deterministic": _BOOL, "trainer.precision": choice(("fp32", "tf32", "bf16")),
-        "trainer.channels_last": _BOOL, "trainer.compile": choice(("none", "default", "reduce-overhead", "max-autotune")),
-        "trainer.world_size": (_int(1), "an integer >= 1"), "trainer.progress": _BOOL,
-        "trainer.signal_every": (_int(0), "an integer >= 0 (0: off)"),
-        "gpu_pool.enabled": _BOOL, "gpu_pool.jobs_per_gpu": (_int(1), "an integer >= 1"), "gpu_pool.lock_dir": _TEXT,
-        "seed": (lambda v: _int(0)(v) and v < 2**63, "an integer in [0, 2^63)"),
-        "tags": (lambda v: v is not None, "a mapping"),
-    }
-
-
 def _joint(cfg) -> list[tuple[bool, str]]:
     """Checks of keys taken together (each key alone already passed)."""
     from idmap.orderings import ORDERINGS
@@ -282,15 +382,15 @@ def check_config(cfg, choices=None) -> None:
     file's ordering is checked with the file's name (`choices`: the run's group choices)."""
     from idmap.orderings import check_config as check_ordering
 
-    for key, (ok, allowed) in _rules().items():
-        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+    for key in keys().values():
+        value = OmegaConf.select(cfg, key.name, throw_on_missing=False)
         plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         try:
-            good = ok(plain)
+            good = key.rule.test(plain)
         except TypeError:  # e.g. a number where a list belongs
             good = False
         if not good:
-            raise IdmapError(f"{key}={plain!r} is not allowed; it must be {allowed}")
+            raise IdmapError(f"{key.name}={plain!r} is not allowed; it must be {key.rule.allowed()}")
     for ok, message in _joint(cfg):
         if not ok:
             raise IdmapError(message)
@@ -350,103 +450,3 @@ def compose_checked(*overrides: str, hydra: bool = False):
         raise IdmapError(one_line_message(exc)) from exc
     check_config(cfg, cfg.hydra.runtime.choices if hydra else None)
     return cfg
-
-
-# ---- What comes in from outside, before Hydra reads a file for it: command lines, records, units ----
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a config option's name: no path
-_FIELDS = {"model", "shortcut", "dataset", "optim", "trainer", "gpu_pool", "seed", "tags"}  # Config's
-# Launcher settings a sweep's record may replay: resources and queues. Not submitit's setup or
-# srun_args (commands), submitit_folder or additional_parameters (files written elsewhere), _target_.
-LAUNCHER_KEYS = {"partition", "account", "qos", "timeout_min", "nodes", "tasks_per_node", "gpus_per_node",
-                 "gpus_per_task", "cpus_per_task", "cpus_per_gpu", "mem_gb", "mem_per_cpu", "mem_per_gpu",
-                 "constraint", "exclude", "comment", "array_parallelism", "signal_delay_s",
-                 "max_num_timeout", "name", "n_jobs"}
-
-
-def check_overrides(args: Sequence[str], record: Optional[Path] = None) -> None:
-    """IdmapError for overrides that would make Hydra read a file it must not: a group option that
-    is a path (block=../depth/20 loads another group's file, block=../../X any YAML), or a search
-    path folder that holds more than unit files (check_unit_file). `record`: the file the
-    overrides were replayed from (a run's .hydra/overrides.yaml, a sweep's multirun.yaml), which
-    may hold this project's settings only (_check_replayed)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ChoiceSweep
-
-    folders, overrides = [], []
-    for before, arg in zip(["", *args], args):  # Hydra's flags, those with a value, then overrides
-        if before in ("-cd", "--config-dir") or arg.startswith("--config-dir="):
-            folders.append(arg.split("=", 1)[1] if arg.startswith("--config-dir=") else arg)
-        elif not arg.startswith("-") and before not in ("-cp", "--config-path", "-cn", "--config-name",
-                                                        "-c", "--cfg", "-p", "--package"):
-            overrides.append(arg)
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as exc:  # Hydra's grammar: one line
-        raise IdmapError(one_line_message(exc)) from None
-    for o in parsed:
-        if record is not None:
-            _check_replayed(o, record)
-        if o.key_or_group == "hydra.searchpath":
-            folders += [str(entry) for entry in (o.value() or [])]
-        elif "." not in o.key_or_group and o.key_or_group not in _FIELDS and not o.is_delete():
-            value = o.value()
-            names = value.list if isinstance(value, ChoiceSweep) else value if isinstance(value, list) else [value]
-            for name in (getattr(n, "text", n) for n in names):
-                if name is not None and not _NAME.fullmatch(str(name)):
-                    raise IdmapError(f"{o.input_line}: {o.key_or_group} takes an option's name (python "
-                                     f"train.py --help lists them), not a path; a unit of your own is a "
-                                     f"block file in DIR/block/ with DIR on hydra.searchpath")
-    for folder in folders:
-        _check_search_folder(folder)
-
-
-def _check_replayed(o, record: Path) -> None:
-    """An override a run's record replays: one of this project's settings, or of the launcher's
-    resources; never a class (_target_), a callback or any other Hydra setting, nor a line break."""
-    key, text = o.key_or_group, o.input_line
-    ours = key in _rules() or key.startswith(("model.ordering.", "tags.")) or (CONF / key).is_dir()
-    hydra = key in ("hydra.searchpath", "hydra.job.chdir") or (
-        key.startswith("hydra.launcher.") and key[len("hydra.launcher."):] in LAUNCHER_KEYS)
-    if not (ours or (hydra and text.startswith("hydra."))) or "_target_" in text or not text.isprintable():
-        raise IdmapError(f"{record}: {text!r} is not one of this project's settings, and a run's record "
-                         f"replays only those; delete it from the file (or give it on your own command line)")
-
-
-def _check_search_folder(entry: str) -> None:
-    """A folder Hydra searches for configs holds unit files only, each checked: any other YAML in
-    it could be loaded as an option of another group, or replace Hydra's own settings."""
-    scheme, sep, rest = entry.partition("://")
-    if sep and scheme != "file":
-        raise IdmapError(f"hydra.searchpath: {entry}: give unit files in a folder, file://DIR")
-    folder = Path(rest if sep else entry)
-    for top, dirs, files in os.walk(folder):  # a folder that does not exist yields nothing
-        for name in sorted(dirs + files):
-            path = Path(top) / name
-            # A linked folder is not walked here, but Hydra would follow it.
-            if (path.is_symlink() and path.is_dir()) or (name.endswith(".yaml") and path.parent != folder / "block"):
-                raise IdmapError(f"{path}: a folder on hydra.searchpath holds unit files only "
-                                 f"(block/<name>.yaml); move this out of {folder}")
-            if name.endswith(".yaml"):
-                check_unit_file(path)
-
-
-def check_unit_file(path: Path) -> None:
-    """A unit of one's own, read as data before Hydra loads it: `# @package model` and the keys block
-    and ordering only (what they hold is checked when the unit is used, orderings.check_config).
-    Any other key, package or defaults list could set Hydra's callbacks or any setting, so that a
-    unit from elsewhere could run code or change a run."""
-    import yaml
-    from hydra.plugins.config_source import ConfigSource
-
-    text = path.read_text(errors="replace")
-    try:
-        package, data = ConfigSource._get_header_dict(text)["package"], yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise IdmapError(f"{path}: unreadable ({str(exc).splitlines()[0]})") from None
-    extra = sorted(map(str, set(data) - {"block", "ordering"})) if isinstance(data, dict) else ["(not a mapping)"]
-    if (CONF / "block" / path.name).is_file():
-        raise IdmapError(f"{path}: the paper's block {path.stem} has this name, and Hydra would load the "
-                         f"paper's; rename the file (and set block: to its new name)")
-    if package != "model" or extra:
-        raise IdmapError(f"{path}: a unit file sets the model's block and ordering only, under '# @package "
-                         f"model'; it has {f'package {package}' if package != 'model' else extra[0]}")

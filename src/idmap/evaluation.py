@@ -108,7 +108,7 @@ def _group(name: str) -> DictConfig:
 
 def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """(group names from `dataset=NAME`, `KEY=VALUE` fields from `dataset.KEY=VALUE`)."""
-    from idmap.config import check_overrides
+    from idmap.overrides import check_overrides
 
     check_overrides(overrides)  # dataset=NAME is a name, never a path to some YAML
     groups, fields = [], []

@@ -253,6 +253,8 @@ def _recompute_once(unit: nn.Module) -> dict:
 # Depth rules.
 # --------------------------------------------------------------------------------------------------
 UNITS = tuple(UNIT_LAYERS)
+# Where a stage changes shape: zero-padded identity, or a 1x1 projection (the paper's bottleneck choice).
+DOWNSAMPLES = ("zero_pad", "projection")
 DEFAULT_WIDTHS = (16, 32, 64)
 
 
@@ -320,8 +322,8 @@ def build_resnet(
         raise ValueError(f"unknown unit {unit!r}; choose from auto, {', '.join(UNITS)}")
     if downsample == "auto":
         downsample = "projection" if unit == "bottleneck" else "zero_pad"
-    if downsample not in ("zero_pad", "projection"):
-        raise ValueError(f"unknown downsample {downsample!r}; choose from auto, zero_pad, projection")
+    if downsample not in DOWNSAMPLES:
+        raise ValueError(f"unknown downsample {downsample!r}; choose from auto, {', '.join(DOWNSAMPLES)}")
     if units_per_stage is None:
         units_per_stage = units_per_stage_for(depth, unit, len(widths))
     elif len(units_per_stage) != len(widths) or min(units_per_stage) < 1:

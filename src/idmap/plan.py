@@ -29,16 +29,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf, open_dict
 
 from idmap import IdmapError, cli
-from idmap.config import check_config, check_overrides, quote_numeric_choices, register_configs
+from idmap.config import Role, check_config, quote_numeric_choices, register_configs, with_role
+from idmap.overrides import check_overrides
 from idmap.paths import CONF
 # The slowest job's time x MARGIN + SLACK_MIN: evaluations, start-up and a slower node.
 MARGIN, SLACK_MIN = 1.25, 10
 # Training images of the data sets whose size the config does not say (epochs -> iterations).
 TRAIN_IMAGES = 50_000
-# What a step's speed depends on; the rest (seed, LR, schedule, logging) only what it computes.
-SPEED = {"model": None, "shortcut": None, "dataset": ("name", "image_size", "num_classes"),
-         "trainer": ("batch_size", "device", "precision", "channels_last", "compile",
-                     "world_size"), "optim": ("impl",)}
 
 
 @dataclass
@@ -111,9 +108,10 @@ def expand(overrides: Sequence[str]) -> List[tuple]:
 
 
 def speed_key(cfg) -> str:
-    """The settings a step's time depends on (SPEED), as one string."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    key = {s: c[s] if keys is None else {k: c[s].get(k) for k in keys} for s, keys in SPEED.items()}
+    """The settings a step's time depends on (config.Role.STEP_COST; the rest, e.g. seed, LR,
+    schedule and logging, change only what it computes), as one string."""
+    key = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+           for k in with_role(Role.STEP_COST) for v in [OmegaConf.select(cfg, k)]}
     return json.dumps(key, sort_keys=True, default=str)
 
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from idmap import IdmapError
 from idmap.rundir import (MULTIRUN, check_contained, hydra_config_path, hydra_overrides_path, override_key,
                           read_hydra_config, read_overrides, read_summary, read_sweep_plan, run_dirs)
-from idmap.state import RESUMABLE, settings_changed
+from idmap.state import settings_changed
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -106,21 +106,19 @@ _SUBDIR = re.compile(r"(?!\.)([\w.-]|\$\{hydra\.job\.(num|id)\}|\$\{hydra:runtim
 
 def _replayed(overrides: list[str], record: Path) -> list[str]:
     """A record's overrides to replay, but a resume it asked for: only this project's settings,
-    as config.check_overrides allows a record (IdmapError naming the file otherwise)."""
-    from idmap.config import check_overrides
+    as overrides.check_overrides allows a record (IdmapError naming the file otherwise)."""
+    from idmap.overrides import check_overrides
 
     check_overrides(overrides, record)
     return [o for o in overrides if not o.startswith("trainer.resume=")]
 
 
 def _runs_differently(override: str) -> bool:
-    """Whether an override only changes how runs run (state.RESUMABLE; Hydra's own settings)."""
-    key = override_key(override)
-    if key.startswith(("hydra.", "hydra/")) or key == "launcher":  # e.g. resume on SLURM instead
-        return True
-    section, _, name = key.partition(".")
-    free = RESUMABLE.get(section, set())
-    return free is None or name in free
+    """Whether an override only changes how runs run (config.Role.RESUMABLE; Hydra's own settings
+    and the launcher too: e.g. resume on SLURM instead)."""
+    from idmap.config import Role, has_role
+
+    return has_role(override_key(override), Role.RESUMABLE)
 
 
 def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> dict:

@@ -22,6 +22,11 @@ log = logging.getLogger("idmap")
 
 # The device names a run and every script take.
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# The kernel choices a run may make (trainer.precision, trainer.compile, optim.impl; their one home).
+PRECISIONS = ("fp32", "tf32", "bf16")
+COMPILE_MODES = {"none": None, "default": {}, "reduce-overhead": {"mode": "reduce-overhead"},
+                 "max-autotune": {"mode": "max-autotune"}}  # torch.compile's keyword arguments
+SGD_IMPLS = {"foreach": {"foreach": True}, "fused": {"fused": True}, "loop": {"foreach": False}}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,6 +11,7 @@ import torch
 
 from idmap import IdmapError
 from idmap.checkpoint import fits, load_checkpoint, save_checkpoint
+from idmap.config import Role, has_role, with_role
 
 log = logging.getLogger("idmap")
 
@@ -59,38 +60,31 @@ class BatchStream:
         return state["generator"].numel() == torch.Generator().get_state().numel()
 
 
-# Settings a resumed run may change: how it runs, not what it computes.
-RESUMABLE = {"trainer": {"max_iters", "epochs", "eval_every", "eval_batch_size", "checkpoint_every",
-                         "log_every", "device", "resume", "progress", "signal_every", "world_size",
-                         "precision", "channels_last", "compile", "deterministic"},
-             "optim": {"impl"}, "dataset": {"root", "download", "label"}, "gpu_pool": None, "tags": None}
-
-# Resumable settings that pick other kernels: a resume that changes one continues the run equal up
-# to rounding, not bit for bit (README, "Resuming").
-SPEED_SWITCHES = {"trainer": ("device", "precision", "channels_last", "compile", "deterministic"),
-                  "optim": ("impl",)}
-
-
 def switches_changed(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every speed switch that differs between a checkpoint's run and this one."""
-    return [f"{section}.{key}: {old.get(section, {}).get(key)} -> {new.get(section, {}).get(key)}"
-            for section, keys in SPEED_SWITCHES.items() for key in keys
-            if old.get(section, {}).get(key) != new.get(section, {}).get(key)]
+    """'key: old -> new' for every speed switch (config.Role.SWITCH) that differs between a
+    checkpoint's run and this one: the resume continues equal up to rounding, not bit for bit
+    (README, "Resuming")."""
+    def get(cfg: dict, key: str):
+        section, _, name = key.partition(".")
+        return cfg.get(section, {}).get(name)
+
+    return [f"{key}: {get(old, key)} -> {get(new, key)}" for key in with_role(Role.SWITCH)
+            if get(old, key) != get(new, key)]
 
 
 def settings_changed(old: dict, new: dict) -> list[str]:
-    """'key: old -> new' for every setting that differs between a checkpoint's run and this one."""
+    """'key: old -> new' for every setting that differs between a checkpoint's run and this one,
+    but those a resumed run may change (config.Role.RESUMABLE: how it runs, not what it computes)."""
     out = []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section), new.get(section)
-        free = RESUMABLE.get(section, set())
-        if free is None or a == b:
+        if a == b or has_role(section, Role.RESUMABLE):
             continue
         if not (isinstance(a, dict) and isinstance(b, dict)):
             out.append(f"{section}: {a} -> {b}")
             continue
         out += [f"{section}.{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b))
-                if k not in free and a.get(k) != b.get(k)]
+                if not has_role(f"{section}.{k}", Role.RESUMABLE) and a.get(k) != b.get(k)]
     return out
 
 

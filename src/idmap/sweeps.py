@@ -25,17 +25,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from idmap import IdmapError, stats
+from idmap.config import Role, has_role
 from idmap.paper import Row, Table
 from idmap.report import (SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, baseline_rows, paper_pairs,
                           setting_cells, stat_cells)
 from idmap.rundir import override_key
 from idmap.runs import Run
 
-# Keys that never tell settings apart: the seed is pooled; the rest say how or where a run ran.
-POOLED = ("seed", "trainer.resume", "trainer.device", "trainer.progress", "gpu_pool.", "hydra.",
-          "hydra/", "launcher")
 TABLE = "sweep"
-NOT_REPEATED = ("seed", "trainer.resume", "hydra.", "hydra/")
 
 
 def _unquoted(value: str) -> str:
@@ -79,7 +76,7 @@ def value(run: Run, key: str) -> Optional[str]:
 def default_keys(runs: Sequence[Run]) -> List[str]:
     """The overridden keys whose values differ between the runs, in the order first given."""
     keys = list(dict.fromkeys(k for r in runs for k in recorded(r)))
-    keys = [k for k in keys if not k.startswith(POOLED)]
+    keys = [k for k in keys if not has_role(k, Role.POOLED)]  # the seed; how or where a run ran
     return [k for k in keys if len({value(r, k) for r in runs}) > 1]
 
 
@@ -266,7 +263,7 @@ def _sweep_dir(line: Line) -> Path:
 def _own(run: Run) -> List[str]:
     """A run's overrides to repeat: its settings and how it ran (device, launcher), not its seed
     nor a resume."""
-    return [o for o in run.overrides if not override_key(o).startswith(NOT_REPEATED)]
+    return [o for o in run.overrides if not has_role(override_key(o), Role.PER_RUN)]
 
 
 def _merged(lines: Sequence[Line]) -> Optional[List[str]]:

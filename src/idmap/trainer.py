@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError, data as datamod
-from idmap.config import check_config, check_schedule, schedule
+from idmap.config import Role, check_config, check_schedule, keys, schedule
 from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
 from idmap.rundir import CHECKPOINT, RunLog, git_commit
-from idmap.runtime import (Interrupted, StopFlag, autocast, configure, device_name, memory_format,
-                           resolve_device)
+from idmap.runtime import (COMPILE_MODES, SGD_IMPLS, Interrupted, StopFlag, autocast, configure, device_name,
+                           memory_format, resolve_device)
 from idmap.state import BatchStream, RunExists, TrainState
 
 log = logging.getLogger("idmap")
@@ -95,10 +95,9 @@ def build(cfg: DictConfig, data: DeviceData, device: torch.device, world_size: i
         # test session) would otherwise count towards its recompile limit, past which it falls
         # back to eager without a word.
         torch.compiler.reset()
-        model = torch.compile(model, mode=None if t.compile == "default" else t.compile)
-    impl = {"foreach": dict(foreach=True), "fused": dict(fused=True), "loop": dict(foreach=False)}[o.impl]
+        model = torch.compile(model, **COMPILE_MODES[t.compile])
     optimizer = torch.optim.SGD(raw.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                weight_decay=o.weight_decay, **impl)
+                                weight_decay=o.weight_decay, **SGD_IMPLS[o.impl])
     # Every process draws the same global batch and takes its slice: one seed, one data order.
     stream = BatchStream(len(data.train_y), torch.Generator().manual_seed(cfg.seed))
     sums = torch.zeros(2, device=device, dtype=torch.float64)
@@ -312,13 +311,13 @@ def _mean(values):
 
 
 def hparams(cfg: DictConfig) -> dict:
-    """The choices a sweep varies, flat, as TensorBoard's HParams view wants them."""
+    """The keys declared HPARAM (config.Role), flat, as TensorBoard's HParams view wants them:
+    single values only (a list or an unset key is no column)."""
     flat = {}
-    for section in ("model", "shortcut", "optim"):
-        for key, value in OmegaConf.to_container(cfg[section], resolve=True).items():
-            if isinstance(value, (int, float, str, bool)):
-                flat[f"{section}.{key}"] = value
-    flat.update({"dataset": cfg.dataset.name, "seed": cfg.seed, "batch_size": cfg.trainer.batch_size})
+    for key in keys().values():
+        value = OmegaConf.select(cfg, key.name)
+        if Role.HPARAM in key.roles and isinstance(value, (int, float, str, bool)):
+            flat[key.hparam] = value
     return flat
 
 
