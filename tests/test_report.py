@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from idmap.paper import FAIL, TABLES
-from idmap.report import Line, baseline_name, baseline_rows, group, main, network, variant
+from idmap.lines import Line
+from idmap.paper import FAIL, TABLES, baseline_rows
+from idmap.report import baseline_name, group, main
 from idmap.runs import depth_option, load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -391,9 +392,9 @@ def test_depth_option_names_the_conf_depth_option_that_builds_a_network():
 
 def test_networks_and_default_baselines_of_every_table():
     t2, t3 = TABLES["table2"], TABLES["table3"]
-    assert network(t2.row("full_preact/164")) == "164" and variant(t2.row("full_preact/164")) == (
+    assert t2.row("full_preact/164").network == "164" and t2.row("full_preact/164").variant == (
         "full_preact")
-    assert network(t3.row("cifar100_1001/original")) == "cifar100_1001"
+    assert t3.row("cifar100_1001/original").network == "cifar100_1001"
     assert {n: r.key for n, r in baseline_rows(t2).items()} == {
         "110": "original/110", "164": "original/164"}
     assert {r.key for r in baseline_rows(t3).values()} == {f"{o}/original" for o in (

@@ -17,6 +17,11 @@ FAIL = "fail"
 # own errors are 22-28%; there only a diverged run fails.
 FAIL_ERROR = {"CIFAR-10": 20.0}
 
+def is_fail(dataset: str, error: Optional[float]) -> bool:
+    """Whether a test error on `dataset` is the paper's "fail"; inf stands for diverged."""
+    return error is not None and (error == math.inf or error > FAIL_ERROR.get(dataset, math.inf))
+
+
 Reference = Union[float, str, None]  # a test error in %, FAIL, or None (no number reported)
 
 
@@ -30,9 +35,21 @@ class Row:
     note: str = ""
 
     def is_fail(self, error: Optional[float]) -> bool:
-        """Whether a test error is the paper's "fail" for this row; inf stands for diverged."""
-        threshold = FAIL_ERROR.get(self.dataset, math.inf)
-        return error is not None and (error == math.inf or error > threshold)
+        return is_fail(self.dataset, error)
+
+    @property
+    def network(self) -> str:
+        """The network the row's unit is built into, which rows are compared within. Read off the
+        key: table 2's keys are "<block>/<depth>" and table 3's "<table3 option>/<block>" (the
+        option names data and network), so the part that is not the block names the network.
+        Table 1 and the ResNet-20 ablation have keys without "/" and one network each: ""."""
+        parts = self.key.split("/")
+        return "/".join(p for p in parts if p != self.choices.get("block")) if len(parts) > 1 else ""
+
+    @property
+    def variant(self) -> str:
+        """What tells a row from the others of its network: its block in tables 2-3, else its key."""
+        return self.choices["block"] if self.network else self.key
 
 
 @dataclass(frozen=True)
@@ -162,3 +179,19 @@ TABLES: Dict[str, Table] = {
     ),
 }
 
+
+# Rows are compared only with rows of the same network: table 2's original ResNet-164 against its
+# pre-act ResNet-110 says nothing about the unit (Row.network: read off the row's key).
+def baseline_rows(table: Table, baseline: Optional[str] = None) -> Dict[str, Row]:
+    """Per network of `table`, the row its rows are compared with: `baseline` when it is a row key
+    (that row for all), else the network's row of that variant (e.g. block "original"), else the
+    network's first row: the original unit in tables 2 and 3, the table's first row otherwise."""
+    if any(r.key == baseline for r in table.rows):
+        return {r.network: table.row(baseline) for r in table.rows}
+    bases: Dict[str, Row] = {}
+    for row in table.rows:
+        if baseline is None:
+            bases.setdefault(row.network, row)
+        elif row.variant == baseline:
+            bases[row.network] = row
+    return bases

@@ -33,52 +33,19 @@ Runs of no paper row go to one sweep table (idmap.sweeps), with these columns an
 
 import csv
 import io
-import math
-import statistics
 import sys
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from idmap import IdmapError, cli, stats
-from idmap.paper import FAIL, TABLES, Row, Table
+from idmap.lines import (MIN_GAP, SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, iters_text, paper_pairs, pp,
+                         setting_cells, stat_cells)
+from idmap.paper import TABLES, Row, Table, baseline_rows
 from idmap.runs import Run, load_runs
 
-# Smallest median-vs-paper gap that is flagged, in percentage points (see the module docstring).
-MIN_GAP = 0.5
+
 def row_of(table: Table, run: Run) -> Optional[Row]:
     return next((r for r in table.rows if r.choices.items() <= run.choices.items()), None)
-
-
-# Rows are compared only with rows of the same network: table 2's original ResNet-164 against its
-# pre-act ResNet-110 says nothing about the unit. paper.py has no such field, so it is read off the
-# key: table 2's keys are "<block>/<depth>" and table 3's "<table3 option>/<block>" (the option
-# names data and network), so the part that is not the block names the network. Tables 1 and the
-# ResNet-20 ablation have keys without "/" and one network each (ResNet-110, ResNet-20): "".
-def network(row: Row) -> str:
-    parts = row.key.split("/")
-    return "/".join(p for p in parts if p != row.choices.get("block")) if len(parts) > 1 else ""
-
-
-def variant(row: Row) -> str:
-    """What tells a row from the others of its network: its block in tables 2-3, else its key."""
-    return row.choices["block"] if network(row) else row.key
-
-
-def baseline_rows(table: Table, baseline: Optional[str] = None) -> Dict[str, Row]:
-    """Per network of `table`, the row its rows are compared with: `baseline` when it is a row key
-    (that row for all), else the network's row of that variant (e.g. block "original"), else the
-    network's first row: the original unit in tables 2 and 3, the table's first row otherwise."""
-    if any(r.key == baseline for r in table.rows):
-        return {network(r): table.row(baseline) for r in table.rows}
-    bases: Dict[str, Row] = {}
-    for row in table.rows:
-        if baseline is None:
-            bases.setdefault(network(row), row)
-        elif variant(row) == baseline:
-            bases[network(row)] = row
-    return bases
 
 
 def baseline_name(table: Table, baseline: Optional[str] = None) -> str:
@@ -89,94 +56,9 @@ def baseline_name(table: Table, baseline: Optional[str] = None) -> str:
         return keys.pop() if keys else "—"
     row = next(iter(bases.values()))
     # The placeholder names the choice the network part is: <depth> (table 2), <table3> (table 3).
-    name = next((k for k, v in row.choices.items() if v == network(row) and k != "block"),
+    name = next((k for k, v in row.choices.items() if v == row.network and k != "block"),
                 "network")
-    return "/".join(p if p == variant(row) else f"<{name}>" for p in row.key.split("/"))
-
-
-@dataclass
-class Line:
-    """One printed line: a row of the paper and the runs of one setting (None: no runs)."""
-
-    table: Table
-    row: Row
-    data: Optional[str] = None
-    protocol: Optional[str] = None
-    max_iters: Optional[int] = None
-    runs: List[Run] = field(default_factory=list)
-    # The baseline row's line of the same setting (itself for the baseline's own line), or None.
-    baseline: Optional["Line"] = field(default=None, compare=False, repr=False)
-
-    @property
-    def setting(self) -> Tuple:
-        return self.data, self.protocol, self.max_iters
-
-    @property
-    def network(self) -> str:
-        return network(self.row)
-
-    @property
-    def paper_data(self) -> bool:
-        return self.data == self.row.dataset
-
-    @property
-    def completed_errors(self) -> List[float]:
-        return [r.outcome for r in self.runs if r.outcome is not None and r.outcome != math.inf]
-
-    @property
-    def outcomes(self) -> List[float]:
-        return [r.outcome for r in self.runs if r.outcome is not None]
-
-    @property
-    def median(self) -> Optional[float]:
-        return statistics.median(self.outcomes) if self.outcomes else None
-
-    @property
-    def median_interval(self) -> Optional[Tuple[float, float, float]]:
-        """(low, high, coverage) for the median, from the seeds (stats.median_interval)."""
-        return stats.median_interval(self.outcomes)
-
-    @cached_property  # a bootstrap and a permutation test: computed once
-    def comparison(self) -> Optional[stats.Comparison]:
-        """This line's seeds against the baseline's; None for the baseline itself or no runs."""
-        if self.baseline is None or self.baseline is self or not self.baseline.outcomes:
-            return None
-        return stats.compare(self.outcomes, self.baseline.outcomes) if self.outcomes else None
-
-    @property
-    def verdict(self) -> str:
-        if self.baseline is self:
-            return "baseline"
-        return self.comparison.verdict if self.comparison else ""
-
-    @property
-    def mean(self) -> Optional[float]:
-        return statistics.fmean(self.completed_errors) if self.completed_errors else None
-
-    @property
-    def std(self) -> Optional[float]:
-        errors = self.completed_errors
-        return statistics.stdev(errors) if len(errors) > 1 else None
-
-    @property
-    def fails(self) -> int:
-        return sum(map(self.is_fail, self.outcomes))
-
-    def is_fail(self, error: Optional[float]) -> bool:
-        """The paper's "fail" on the paper's data; elsewhere (a JPEG copy, a short run) only divergence."""
-        return self.row.is_fail(error) if self.paper_data else error == math.inf
-
-    @property
-    def flag(self) -> str:
-        """"differs", "ok", or "" when there is nothing to compare (module docstring)."""
-        ref, median = self.row.reference, self.median
-        if ref is None or median is None or not self.paper_data:
-            return ""
-        if ref == FAIL:
-            return "ok" if self.row.is_fail(median) else "differs"
-        if self.row.is_fail(median) or abs(median - ref) > max(2 * (self.std or 0.0), MIN_GAP):
-            return "differs"
-        return "ok"
+    return "/".join(p if p == row.variant else f"<{name}>" for p in row.key.split("/"))
 
 
 def group(table: Table, runs: Sequence[Run], baseline: Optional[str] = None) -> List[Line]:
@@ -202,49 +84,6 @@ def group(table: Table, runs: Sequence[Run], baseline: Optional[str] = None) -> 
     return lines
 
 
-@dataclass
-class Pair:
-    """Two lines of one setting whose rows the paper orders: `lower` has the paper's lower error."""
-
-    lower: Line
-    higher: Line
-
-    @cached_property
-    def comparison(self) -> stats.Comparison:
-        return stats.compare(self.lower.outcomes, self.higher.outcomes)
-
-    @property
-    def outcome(self) -> str:
-        """Whether the runs agree with the paper, disagree (each significant) or leave it open."""
-        return {-1: "agrees", 1: "disagrees", 0: "undecided"}[self.comparison.sign]
-
-    def describe(self) -> str:
-        lower, higher = self.lower, self.higher
-        ref = lower.table.reference_column  # "paper", or "seed exp." for the ResNet-20 table
-        return (f"{lower.row.key} < {higher.row.key} ({ref} {_error(_paper_error(lower.row))} < "
-                f"{_error(_paper_error(higher.row))}; medians {_error(lower.median)} vs "
-                f"{_error(higher.median)}, p = {self.comparison.p:.3f})")
-
-
-def _paper_error(row: Row) -> Optional[float]:
-    """The paper's number as an error to order by, fail the highest; None: nothing to order."""
-    return math.inf if row.reference == FAIL else (
-        row.reference if isinstance(row.reference, float) else None)
-
-
-def paper_pairs(lines: Sequence[Line]) -> Dict[Tuple, List[Pair]]:
-    """Per setting, every pair of lines with runs of one network whose rows the paper orders."""
-    pairs: Dict[Tuple, List[Pair]] = {}
-    ordered = [l for l in lines if l.outcomes and _paper_error(l.row) is not None]
-    for i, a in enumerate(ordered):
-        for b in ordered[i + 1:]:
-            ea, eb = _paper_error(a.row), _paper_error(b.row)
-            if a.setting == b.setting and a.network == b.network and ea != eb:
-                pair = Pair(a, b) if ea < eb else Pair(b, a)
-                pairs.setdefault(a.setting, []).append(pair)
-    return pairs
-
-
 def ordering_check(lines: Sequence[Line], seeds_needed: bool = False) -> List[str]:
     """One line per setting: how often the runs confirm the paper's ordering of two rows."""
     out = []
@@ -252,7 +91,7 @@ def ordering_check(lines: Sequence[Line], seeds_needed: bool = False) -> List[st
         by = {o: [p for p in pairs if p.outcome == o] for o in ("agrees", "disagrees", "undecided")}
         ref = pairs[0].lower.table.reference_column
         title = "Paper's ordering" if ref == "paper" else f"Ordering of the {ref}"
-        out.append(f"{title} ({data}, {protocol}, {_iters(iters)} iters): agrees on "
+        out.append(f"{title} ({data}, {protocol}, {iters_text(iters)} iters): agrees on "
                    f"{len(by['agrees'])} of {len(pairs)} pairs, disagrees on "
                    f"{len(by['disagrees'])}, undecided on {len(by['undecided'])}.")
         out += [f"- disagrees: {p.describe()}" for p in by["disagrees"]]
@@ -270,67 +109,15 @@ def detect_tables(runs: Sequence[Run]) -> List[Table]:
     return [t for t in TABLES.values() if any(row_of(t, r) for r in runs)]
 
 
-def _pp(x: Optional[float]) -> str:
-    return "—" if x is None else f"{x:.2f}"
-
-
-def _error(x: Optional[float]) -> str:
-    return "fail" if x == math.inf else _pp(x)
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.2f}"  # +inf / -inf: one median diverged
-
-
-def _iters(n: Optional[int]) -> str:
-    if n is None:
-        return "?"
-    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
-
-
 # The comparison columns come last so that the first eleven keep their places for readers.
-# SETTING_COLUMNS and the statistics (STAT_COLUMNS) are shared with the sweep table (sweeps.py).
-SETTING_COLUMNS = ["data", "protocol", "iters"]
-STAT_NOTE = ("median: final test error over finished seeds, a diverged seed counting as fail; mean ± std "
-             "over completed seeds; seeds: finished/all runs; fail: seeds diverged, or above 20% on the official CIFAR-10")
-STAT_COLUMNS = ["median", "mean ± std", "seeds", "fail", "median 95% interval",
-                "Δ median vs {baseline} [95%]", "p", "verdict"]
 COLUMNS = ["row", "case", *SETTING_COLUMNS, "{ref}", *STAT_COLUMNS[:4], "vs {ref}",
            *STAT_COLUMNS[4:]]
-
-
-def setting_cells(line: Line) -> List[str]:
-    """What the line's runs trained on: data (* when not the row's own), protocol, iterations."""
-    if not line.runs:
-        return ["—"] * 3
-    return [line.data + ("" if line.paper_data else " *"), line.protocol, _iters(line.max_iters)]
-
-
-def stat_cells(line: Line) -> List[str]:
-    """The cells of STAT_COLUMNS: the line's seeds, and their comparison with its baseline."""
-    if line.median == math.inf:
-        median = "fail (diverged)"
-    else:
-        median = _pp(line.median) + (" fail" if line.is_fail(line.median) else "")
-    mean = "—" if line.mean is None else f"{_pp(line.mean)} ± {_pp(line.std)}"
-    finished = len(line.outcomes)
-    interval = line.median_interval
-    c = line.comparison
-    diff = "—"
-    if c is not None:
-        diff = _signed(c.diff) + ("" if c.interval is None else
-                                  " [" + ", ".join(map(_signed, c.interval)) + "]")
-    return [median, mean, f"{finished}/{len(line.runs)}",
-            f"{line.fails}/{finished}" if finished else "—",
-            "—" if interval is None else
-            f"[{_error(interval[0])}, {_error(interval[1])}] {interval[2]:.1%}",
-            diff, "—" if c is None else f"{c.p:.3f}", line.verdict]
 
 
 def cells(line: Line) -> List[str]:
     row = line.row
     if isinstance(row.reference, float):
-        reference = _pp(row.reference)
+        reference = pp(row.reference)
     else:  # FAIL, or no number: what the source says instead
         reference = row.reference or (f"— ({row.note})" if row.note else "—")
     stat = stat_cells(line)

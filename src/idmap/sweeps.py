@@ -4,7 +4,7 @@ A run's setting is read from what it recorded (its .hydra/ overrides and config,
 idmap.rundir), never from folder names: by default the keys whose values differ between the runs,
 the seed left out so that a setting's seeds are pooled; `--by KEY,...` names the keys instead.
 A key a run did not override has the value of its config group choice (as built, runs.py) or of
-its composed config. The lines are report.Line objects of a table made for the sweep, so every
+its composed config. The lines are lines.Line objects standing for a lines.Setting, so every
 column and method is the paper tables' own (median, mean ± std, seeds, fail, the median interval,
 Δ median vs a baseline, p, verdict; stats.py).
 
@@ -26,9 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from idmap import IdmapError, stats
 from idmap.config import Role, has_role
-from idmap.paper import Row, Table
-from idmap.report import (SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, baseline_rows, paper_pairs,
-                          setting_cells, stat_cells)
+from idmap.lines import SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, Setting, paper_pairs, setting_cells, stat_cells
+from idmap.paper import Table, baseline_rows
 from idmap.rundir import override_key
 from idmap.runs import Run
 
@@ -107,19 +106,18 @@ def _natural(v: Optional[str]) -> Tuple:
 
 @dataclass
 class Sweep:
-    """The sweep table: its grouping keys, its lines (report.Line) and each line's values."""
+    """The sweep table: its grouping keys and its lines (each line's row a Setting of those keys)."""
 
     keys: List[str]
-    lines: List[Line]
-    values: Dict[int, Dict[str, Optional[str]]] = field(default_factory=dict)  # id(line) -> values
+    lines: List[Line] = field(default_factory=list)
     baseline: str = ""
+    name: str = TABLE
+    title: str = "Sweep: final test error (%) per setting"
+    reference_column: str = "—"  # no paper number
 
-    def values_of(self, line: Line) -> Dict[str, Optional[str]]:
-        return self.values[id(line)]
-
-
-def label(values: Dict[str, Optional[str]]) -> str:
-    return " ".join(f"{k}={v}" for k, v in values.items()) or "all runs"
+    @staticmethod
+    def values_of(line: Line) -> Dict[str, Optional[str]]:
+        return dict(line.row.values)
 
 
 def sweep(runs: Sequence[Run], by: Optional[Sequence[str]] = None,
@@ -138,18 +136,10 @@ def sweep(runs: Sequence[Run], by: Optional[Sequence[str]] = None,
         trained_on = (run.data, run.choices.get("protocol", "?"), run.max_iters)
         groups.setdefault((tuple(value(run, k) for k in keys), trained_on), []).append(run)
     ordered = sorted(groups, key=lambda g: ([_natural(v) for v in g[0]], [_natural(v) for v in g[1]]))
-    rows, result = [], Sweep(keys, [])
+    result = Sweep(keys)
     for vs, trained_on in ordered:
-        values = dict(zip(keys, vs))
-        row = Row(key=label(values), label=label(values), choices={}, reference=None, dataset=trained_on[0])
-        rows.append(row)
-        line = Line(None, row, *trained_on, groups[vs, trained_on])
-        result.lines.append(line)
-        result.values[id(line)] = values
-    table = Table(TABLE, "Sweep: final test error (%) per setting", "none: no paper table has "
-                  "these settings", "median of seeds", tuple(rows), reference_column="—")
-    for line in result.lines:
-        line.table = table
+        setting = Setting(tuple(zip(keys, vs)), dataset=trained_on[0])
+        result.lines.append(Line(result, setting, *trained_on, groups[vs, trained_on]))
     _set_baselines(result, baseline)
     return result
 
@@ -182,7 +172,7 @@ def _set_baselines(table: Sweep, baseline: Optional[str]) -> None:
     if unknown:
         raise IdmapError(f"--baseline {baseline}: {', '.join(unknown)} is not a key the sweep's "
                          f"lines differ by ({', '.join(table.keys) or 'none'}); name it with --by")
-    table.baseline = label(spec)
+    table.baseline = Setting(tuple(spec.items()), "").key
     by_values = {(tuple(table.values_of(l).items()), l.setting): l for l in table.lines}
     for line in table.lines:
         target = {**table.values_of(line), **spec}
@@ -203,7 +193,7 @@ COLUMNS = ["setting", *SETTING_COLUMNS, *STAT_COLUMNS]
 def markdown(table: Sweep, seeds_needed: bool = False) -> str:
     header = [c.format(baseline=table.baseline) for c in COLUMNS]
     by = ", ".join(table.keys) or "none (one setting)"
-    out = [f"## {table.lines[0].table.title}", "",
+    out = [f"## {table.title}", "",
            f"One line per setting of {by} (each run's recorded overrides and config), seeds "
            f"pooled; baseline {table.baseline}, compared only with lines of the same data, protocol "
            f"and iterations.", "",
