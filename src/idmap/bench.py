@@ -37,7 +37,7 @@ from idmap.config import compose_config
 from idmap.models import build_resnet, model_kwargs
 from idmap.norm import to_chunked
 from idmap.paths import CONF
-from idmap.rundir import read_metrics
+from idmap.rundir import Status, read_metrics
 from idmap.runtime import Interrupted, device_name, set_tf32
 from idmap.trainer import PAD, learning_rate, train
 
@@ -198,7 +198,7 @@ def project(cfg, args, device: torch.device, chunked_bn: bool = False) -> tuple[
     with tempfile.TemporaryDirectory(prefix="idmap-bench-") as run_dir, _chunked_ghost_bn(chunked_bn):
         summary = train(cfg, run_dir)
         metrics = read_metrics(run_dir)
-        if summary["status"] != "completed" or len(metrics) < 2:
+        if summary["status"] != Status.COMPLETED or len(metrics) < 2:
             raise RuntimeError(f"run {summary['status']} after {summary['iterations']} iterations")
     return steady_rate(metrics, args.batch_size), summary["peak_memory_mb"]  # as summary.json has it
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from idmap.gpu_check_sizes import FAST, NO_CUDA, PACKED, QUIET, train_overrides
 # The clone whose train.py, scripts/ and tests/ the check runs (gpu_check refuses an installed copy).
 from idmap.paths import REPO as ROOT
-from idmap.rundir import has_metrics, read_metrics, read_summary
+from idmap.rundir import Status, has_metrics, read_metrics, read_summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def fidelity(ctx) -> None:
             summary = read_summary(d)
         except ValueError:
             summary = {"status": "no summary"}
-        ok = code == 0 and summary.get("status") == "completed"
+        ok = code == 0 and summary.get("status") == Status.COMPLETED
         errors.append(summary.get("final_test_error"))
         ctx.add(name, "ok" if ok else f"failed: {'killed at its cap' if code is None else summary.get('status')}",
                 data=label, iterations=summary.get("iterations"), test_error=summary.get("final_test_error"),

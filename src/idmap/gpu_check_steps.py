@@ -100,7 +100,7 @@ def train_row(ctx, row: Row, overrides: list[str]) -> dict:
     """One short run in a fresh directory; ok when it completes with a finite training loss that
     agrees with its reference row's, where it has one."""
     from idmap.launch import run
-    from idmap.rundir import read_metrics
+    from idmap.rundir import Status, read_metrics
 
     free(_device(ctx))
     t0 = time.time()
@@ -111,7 +111,7 @@ def train_row(ctx, row: Row, overrides: list[str]) -> dict:
         except Exception as exc:
             return ctx.add(row.name, f"failed: {short_error(exc)}", seconds=time.time() - t0)
     loss = metrics[-1]["train_loss"] if metrics else math.nan
-    ok = summary["status"] == "completed" and math.isfinite(loss)
+    ok = summary["status"] == Status.COMPLETED and math.isfinite(loss)
     status, apart = ("ok" if ok else f"failed: {summary['status']}, train loss {loss}"), None
     if ok and row.ref:
         ref = next((i.get("train_loss") for i in ctx.items if i["name"] == row.ref), None)

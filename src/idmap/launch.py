@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from idmap import IdmapError, bad_input, one_line
 from idmap.config import check_config
 from idmap.resume import already_done, composable, quoted
-from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, RunInUse, check_contained, checkpoint_path,
+from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, Status, RunInUse, check_contained, checkpoint_path,
                           has_lock_file, lock_run_dir, read_summary, results_held, unlock_run_dir,
                           write_hydra_record)
 from idmap.runtime import Interrupted, resolve_device
@@ -136,7 +136,7 @@ def _spawn(cfg: DictConfig, run_dir: Path, choices: dict, on_start=None) -> dict
     mp.spawn(_spawned, args=(world_size, cfg_dict, str(run_dir), port, choices, on_start), nprocs=world_size,
              join=True)
     summary = read_summary(run_dir)
-    if summary["status"] == "interrupted":
+    if summary["status"] == Status.INTERRUPTED:
         raise Interrupted(signal.SIGTERM)
     return summary
 
@@ -335,7 +335,7 @@ def main(cfg: DictConfig) -> dict | None:
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
         if multirun:
             sweep_progress(hc, summary)  # a diverged job is counted at the sweep's end (sweep.py)
-        elif summary["status"] != "completed":  # ran, but no result: 1, as for any failed run
+        elif summary["status"] != Status.COMPLETED:  # ran, but no result: 1, as for any failed run
             print(f"error: {run_dir} {summary['status']}: {summary.get('error')}; it has no result",
                   file=sys.stderr)
             sys.exit(1)
@@ -359,9 +359,9 @@ def main(cfg: DictConfig) -> dict | None:
         if full_error:
             raise
         if multirun:
-            log.error("job %s: %s (%s)", "refused" if refused else "failed", exc,
+            log.error("job %s: %s (%s)", Status.REFUSED if refused else Status.FAILED, exc,
                       "the run is left as it was" if refused else f"details in {run_dir / SUMMARY}")
-            sweep_progress(hc, {"status": "refused" if refused else "failed", "final_test_error": None})
+            sweep_progress(hc, {"status": Status.REFUSED if refused else Status.FAILED, "final_test_error": None})
             return None
         line = bad_input(exc)
         if line is not None:

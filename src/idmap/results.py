@@ -38,7 +38,7 @@ def completed(run_dir: Path) -> bool:
         s = rundir.read_summary(run_dir)
     except ValueError:
         return False
-    return s["status"] == "completed" and (s.get("iterations") or 0) >= (s.get("max_iters") or 0) > 0
+    return s["status"] == rundir.Status.COMPLETED and (s.get("iterations") or 0) >= (s.get("max_iters") or 0) > 0
 
 
 def kept_files(run_dir: Path) -> list[Path]:

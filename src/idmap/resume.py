@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.rundir import (MULTIRUN, check_contained, hydra_config_path, hydra_overrides_path, override_key,
+from idmap.rundir import (MULTIRUN, Status, check_contained, hydra_config_path, hydra_overrides_path, override_key,
                           read_hydra_config, read_overrides, read_summary, read_sweep_plan, run_dirs)
 from idmap.state import settings_changed
 
@@ -156,6 +156,6 @@ def already_done(cfg: DictConfig, run_dir: Path) -> dict | None:
     except ValueError:
         return None
     # A run already past this length (extended on its own) is done too: resuming never shortens.
-    completed = (summary["status"] == "completed" and not cfg.trainer.epochs
+    completed = (summary["status"] == Status.COMPLETED and not cfg.trainer.epochs
                  and (summary.get("iterations") or 0) >= cfg.trainer.max_iters)
-    return summary if completed or summary["status"] == "diverged" else None
+    return summary if completed or summary["status"] == Status.DIVERGED else None

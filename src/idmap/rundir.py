@@ -23,6 +23,7 @@ import os
 import subprocess
 import tempfile
 import threading
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -36,6 +37,23 @@ HYDRA_LOG = "train.log"  # Hydra's log of the job (named after train.py)
 MULTIRUN = "multirun.yaml"  # a sweep directory's record of the sweep (Hydra writes it)
 _MARKERS = (SUMMARY, METRICS, HYDRA_DIR)  # any of these makes a folder a run directory
 LOCK = ".lock"
+
+
+class Status(str, Enum):
+    """A run's status in summary.json. A str, so that it is written and compared as the text it
+    was before (json, f-strings, `summary["status"] == Status.COMPLETED` for a status read back)."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"  # all its iterations trained
+    DIVERGED = "diverged"  # a non-finite loss: the paper's "fail"
+    INTERRUPTED = "interrupted"  # stopped by a signal after its checkpoint: resumable
+    FAILED = "failed"  # an error ended it (or a job was not collected)
+    REFUSED = "refused"  # bad input: it never started (a sweep's progress line only)
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -109,11 +127,11 @@ def mark_failed(run_dir: Path, **fields) -> None:
     """Marks the run failed in its summary.json, unless it completed: a later mistake (a resume with
     a bad setting, a job collected after it finished) must not turn a finished result into a failure."""
     try:
-        if read_summary(run_dir)["status"] == "completed":
+        if read_summary(run_dir)["status"] == Status.COMPLETED:
             return
     except ValueError:  # no summary yet, or an unreadable one: the failure is what it records
         pass
-    update_summary(run_dir, status="failed", **fields)
+    update_summary(run_dir, status=Status.FAILED, **fields)
 
 
 def write_hydra_record(run_dir: Path, config: str, hydra: str, overrides: str) -> None:
@@ -319,7 +337,7 @@ def results_held(run_dir: Path) -> str | None:
             status = read_summary(run_dir)["status"]
         except ValueError as exc:
             return str(exc)
-        if status != "failed":
+        if status != Status.FAILED:
             return f"{SUMMARY} ({status})"
     if (run_dir / METRICS).exists():
         try:

@@ -30,9 +30,9 @@ class Run:
     @property
     def outcome(self) -> Optional[float]:
         """The run's final test error, inf when it diverged, None when it has no result."""
-        if self.status == "diverged":
+        if self.status == rundir.Status.DIVERGED:
             return math.inf
-        if self.status == "completed" and _is_number(self.final_test_error):
+        if self.status == rundir.Status.COMPLETED and _is_number(self.final_test_error):
             return float(self.final_test_error)
         return None
 

@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from idmap.resume import recorded
-from idmap.rundir import (MULTIRUN, SUMMARY, mark_failed, override_key, read_summary, read_sweep_plan, run_dirs,
+from idmap.rundir import (MULTIRUN, SUMMARY, Status, mark_failed, override_key, read_summary, read_sweep_plan, run_dirs,
                           update_summary)
 
 log = logging.getLogger("idmap")
@@ -34,7 +34,7 @@ def note_failed_resume(run_dir: Path, exc: Exception) -> None:
     settings) keeps its result, with the failure beside it (`failed_resume`), so that the sweep's
     end names it (failed_jobs); the job's next completed start writes a summary without it."""
     with contextlib.suppress(Exception):  # recording must not hide the failure being recorded
-        if read_summary(run_dir)["status"] == "completed":
+        if read_summary(run_dir)["status"] == Status.COMPLETED:
             update_summary(run_dir, failed_resume=f"{type(exc).__name__}: {exc}")
 
 
@@ -67,7 +67,7 @@ def sweep_progress(hc, summary: dict) -> None:
         for d in sweep.iterdir():
             with contextlib.suppress(ValueError, OSError):
                 s = read_summary(d)
-                if s["status"] != "running":
+                if s["status"] != Status.RUNNING:
                     finished += 1
                     if (d / SUMMARY).stat().st_mtime >= started:
                         recent.append(s.get("wall_time_s") or 0.0)
@@ -108,7 +108,7 @@ def failed_jobs(sweep_dir: str | Path) -> list[tuple[Path, str]]:
         except ValueError as exc:
             out.append((job, f"no result recorded ({exc})"))
             continue
-        if summary["status"] != "completed":
+        if summary["status"] != Status.COMPLETED:
             error = str(summary.get("error") or "").strip().splitlines()
             out.append((job, summary["status"] + (f": {error[0]}" if error else "")))
         elif summary.get("failed_resume"):  # its earlier result stands, but the sweep's last start failed it

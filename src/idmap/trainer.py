@@ -25,7 +25,7 @@ from idmap import IdmapError, data as datamod
 from idmap.config import Role, check_config, check_schedule, keys, schedule
 from idmap.evaluation import evaluate
 from idmap.models import build_resnet, count_parameters, model_kwargs
-from idmap.rundir import CHECKPOINT, RunLog, git_commit
+from idmap.rundir import CHECKPOINT, RunLog, Status, git_commit
 from idmap.runtime import (COMPILE_MODES, SGD_IMPLS, Interrupted, StopFlag, autocast, configure, device_name,
                            memory_format, resolve_device)
 from idmap.state import BatchStream, RunExists, TrainState
@@ -128,7 +128,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     summary = new_summary(cfg, state.model, data.info, device, loop.max_iters, choices or {})
     status, signum = loop.run()
     metrics = state.metrics
-    last = metrics[-1] if metrics and status != "diverged" else {}
+    last = metrics[-1] if metrics and status != Status.DIVERGED else {}
     summary.update(
         status=status,
         iterations=state.iteration,
@@ -138,12 +138,12 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
         wall_time_s=state.elapsed,
         images_per_sec=_mean([m["images_per_sec"] for m in metrics]),
         peak_memory_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
-        error=f"non-finite loss by iteration {state.iteration}" if status == "diverged" else None,
+        error=f"non-finite loss by iteration {state.iteration}" if status == Status.DIVERGED else None,
         ended=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     if loop.runlog:
         loop.runlog.close(summary)
-    if status == "interrupted":
+    if status == Status.INTERRUPTED:
         raise Interrupted(signum)
     return summary
 
@@ -174,12 +174,12 @@ class Loop:
             self.progress = tqdm(total=self.max_iters, initial=state.iteration, dynamic_ncols=True,
                                  desc=run_dir.name[-40:])
 
-    def run(self) -> tuple[str, int]:
+    def run(self) -> tuple[Status, int]:
         """(status, signal number) once the run ends: completed, diverged or interrupted."""
         state, t = self.state, self.t
         self.elapsed_before, self.t0 = state.elapsed, time.perf_counter()
         self.window = (self.t0, state.iteration)  # throughput counts training only, not evaluation
-        status, signum = "completed", 0
+        status, signum = Status.COMPLETED, 0
         self.state.model.train()
         with StopFlag() as stop:
             for it in range(state.iteration, self.max_iters):
@@ -195,13 +195,14 @@ class Loop:
                 if not (urgent or done == self.max_iters or any(
                         done % every == 0 for every in (t.log_every, t.eval_every, t.checkpoint_every))):
                     continue
-                status, signum = self.sync(done, lr, stop.signum)
-                if status == "diverged":
+                diverged, signum = self.sync(done, lr, stop.signum)
+                if diverged:
+                    status = Status.DIVERGED
                     break
                 if done % t.checkpoint_every == 0 or done == self.max_iters or signum:
                     self.save()
                 if signum and done < self.max_iters:
-                    status = "interrupted"
+                    status = Status.INTERRUPTED
                     break
         state.elapsed = self.elapsed()
         if self.progress:
@@ -225,9 +226,9 @@ class Loop:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
 
-    def sync(self, done: int, lr: float, stop_signum: int) -> tuple[str, int]:
+    def sync(self, done: int, lr: float, stop_signum: int) -> tuple[bool, int]:
         """The log-interval block: one host sync, on which all ranks agree on divergence and stops;
-        an evaluation when due. Returns (status, the signal to stop for or 0)."""
+        an evaluation when due. Returns (diverged, the signal to stop for or 0)."""
         flags = torch.cat([self.state.sums, torch.tensor([float(stop_signum)], device=self.device,
                                                          dtype=torch.float64)])
         if self.world_size > 1:
@@ -235,7 +236,7 @@ class Loop:
         loss_sum, wrong_sum, signalled = flags.tolist()
         signum = stop_signum or (signal.SIGTERM if signalled else 0)
         if not math.isfinite(loss_sum):
-            return "diverged", signum
+            return True, signum
         if self.progress:
             metrics = self.state.metrics
             seen = (done - (metrics[-1]["iteration"] if metrics else 0)) * self.t.batch_size
@@ -246,10 +247,11 @@ class Loop:
                                       lr=f"{lr:g}", img_s=f"{rate:.0f}")
         if done % self.t.eval_every == 0 or done == self.max_iters:
             return self.close_window(done, lr), signum
-        return "completed", signum
+        return False, signum
 
-    def close_window(self, done: int, lr: float) -> str:
-        """Closes an evaluation window: train loss/error over it, test loss/error now; rank 0 logs."""
+    def close_window(self, done: int, lr: float) -> bool:
+        """Closes an evaluation window: train loss/error over it, test loss/error now; rank 0 logs.
+        Returns whether the test loss diverged (all ranks agree)."""
         state, sums = self.state, self.state.sums
         if self.world_size > 1:
             dist.all_reduce(sums)
@@ -288,7 +290,7 @@ class Loop:
             dist.all_reduce(flag)
             diverged = bool(flag.item())
         self.window = (time.perf_counter(), done)
-        return "diverged" if diverged else "completed"
+        return diverged
 
     def save(self) -> None:
         """Writes the checkpoint; its time is no training time, so the throughput window skips it."""
@@ -325,7 +327,7 @@ def new_summary(cfg: DictConfig, model, ds, device: torch.device, max_iters: int
     """summary.json as a run starts; `model` records what was built, which may differ from the
     group choices (e.g. `model.block=original` on the command line leaves the block choice as is)."""
     return {
-        "status": "running",
+        "status": Status.RUNNING,
         "final_test_error": None,
         "best_test_error": None,
         "final_train_error": None,
