@@ -17,8 +17,8 @@ from hydra.errors import HydraException  # noqa: E402
 from idmap import bad_input  # noqa: E402
 from idmap.config import one_line_message, quote_numeric_choices, register_configs  # noqa: E402
 from idmap.overrides import check_overrides  # noqa: E402
-from idmap.launch import before_hydra  # noqa: E402
-from idmap.resume import resume_argv  # noqa: E402
+from idmap.run.launch import before_hydra  # noqa: E402
+from idmap.run.resume import resume_argv  # noqa: E402
 
 register_configs()
 
@@ -41,7 +41,7 @@ def before_hydra_writes(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg):
-    from idmap.launch import main as launch_main
+    from idmap.run.launch import main as launch_main
 
     return launch_main(cfg)
 

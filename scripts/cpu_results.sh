@@ -23,7 +23,7 @@ CPU=(dataset=cifar10_jpeg trainer.device=cpu trainer.channels_last=true trainer.
      optim.impl=fused trainer.checkpoint_every=1000)
 
 sweep() {  # sweep NAME OVERRIDES...: start the sweep in $OUT/NAME, or resume it (its completed
-           # jobs are skipped: idmap.resume.already_done)
+           # jobs are skipped: idmap.run.resume.already_done)
     local dir=$OUT/$1; shift
     if [ -f "$dir/multirun.yaml" ]; then
         "$PY" train.py trainer.resume="$dir"

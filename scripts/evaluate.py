@@ -12,7 +12,7 @@ the run's data set or of another one with the same classes (dataset=..., --data)
 
 import sys
 
-from idmap.cli import evaluate as main  # idmap.evaluation's main with the shared exit codes (idmap.cli)
+from idmap.cli import evaluate as main  # idmap.train.evaluation's main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,7 @@ Writes landscape.npz, landscape.csv, landscape_contour.png and landscape_surface
 
 import sys
 
-from idmap.cli import landscape as main  # idmap.landscape's main with the shared exit codes (idmap.cli)
+from idmap.cli import landscape as main  # idmap.analysis.landscape's main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

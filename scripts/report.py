@@ -9,7 +9,7 @@ one line per setting for the runs of any other sweep.
 
 import sys
 
-from idmap.cli import report as main  # idmap.report's main with the shared exit codes (idmap.cli)
+from idmap.cli import report as main  # idmap.analysis.report's main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

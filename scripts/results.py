@@ -7,7 +7,7 @@
 
 import sys
 
-from idmap.cli import results as main  # idmap.results's main with the shared exit codes (idmap.cli)
+from idmap.cli import results as main  # idmap.analysis.results_page's main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

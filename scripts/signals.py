@@ -10,7 +10,7 @@ batch of standard-normal 3x32x32 images; runs read a fixed random subset of thei
 
 import sys
 
-from idmap.cli import signals as main  # idmap.signals' main with the shared exit codes (idmap.cli)
+from idmap.cli import signals as main  # idmap.analysis.signals' main with the shared exit codes (idmap.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -142,7 +142,7 @@ def jpeg_decoded(jpeg_copy, tmp_path_factory) -> JpegDecoded:
     """The JPEG copy decoded once for the session into an image cache of its own (IDMAP_CACHE),
     with the data set and the seconds decoding took: decoding 60,000 images was most of each test
     that reads them (tests/test_data.py checks the decoding against a load from this cache)."""
-    from idmap import data
+    from idmap.train import data
     from idmap.config import DatasetConfig
 
     config = DatasetConfig(name="imagefolder", root=str(jpeg_copy), label="CIFAR-10 (JPEG copy)",

@@ -19,15 +19,16 @@ from conftest import ROOT, TINY, make_cfg
 from omegaconf import OmegaConf, open_dict
 from test_sweeps import fake_job, lr_sweep
 
-from idmap import IdmapError, cli, gpu_check
-from idmap.checkpoint import save_checkpoint
+from idmap import IdmapError, cli
+from idmap.train.checkpoint import save_checkpoint
 from idmap.config import compose_config
-from idmap.data import load_dataset
-from idmap.launch import claim, run
-from idmap.rundir import DiskFull, RunLog, unlock_run_dir, write_hydra_record
-from idmap.runtime import resolve_device
-from idmap.state import RunExists
-from idmap.sweep import failed_jobs
+from idmap.train.data import load_dataset
+from idmap.run.launch import claim, run
+from idmap.rundir import DiskFull, unlock_run_dir, write_hydra_record
+from idmap.train.runlog import RunLog
+from idmap.train.runtime import resolve_device
+from idmap.train.state import RunExists
+from idmap.run.sweep_status import failed_jobs
 
 SHORT = [*TINY, "trainer.max_iters=4", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
 
@@ -186,7 +187,7 @@ def test_a_figure_on_a_full_disk_leaves_the_old_one(tmp_path, monkeypatch, capsy
 
 
 def test_a_failing_landscape_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
-    from idmap import landscape
+    from idmap.analysis import landscape
 
     grid = landscape.grid(3, 1.0)
     result = {"alphas": grid, "betas": grid, "loss": np.arange(9.0).reshape(3, 3), "accuracy": np.ones((3, 3)),
@@ -217,7 +218,7 @@ def test_gpu_check_never_overwrites_an_earlier_bundle(tmp_path, capsys):
 
 
 def test_a_full_disk_says_what_works_next_with_or_without_a_checkpoint(tmp_path, monkeypatch):
-    import idmap.checkpoint as ckpt
+    import idmap.train.checkpoint as ckpt
 
     real, writes = ckpt.atomic_write, []
 
@@ -244,7 +245,7 @@ def test_a_full_disk_says_what_works_next_with_or_without_a_checkpoint(tmp_path,
 def test_a_resumed_sweep_names_a_completed_job_it_could_not_continue(tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
-    from idmap.launch import main
+    from idmap.run.launch import main
 
     sweep, job = tmp_path, tmp_path / "0_job"
     run(make_cfg(*SHORT), job, choices={})

@@ -1,4 +1,4 @@
-"""idmap.bench (scripts/bench.py): the throughput table, on a CPU in seconds; the speed switches on a GPU, where
+"""idmap.perf.bench (scripts/bench.py): the throughput table, on a CPU in seconds; the speed switches on a GPU, where
 they must all run and compiled training must follow eager training."""
 
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import TINY, make_cfg
 
-import idmap.bench as bench
+import idmap.perf.bench as bench
 from idmap.rundir import METRICS
-from idmap.trainer import train
+from idmap.train.trainer import train
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -131,8 +131,8 @@ def test_the_classic_baseline_runs_at_pytorchs_default_tf32_and_the_strict_row_w
     """PyTorch ships TF32 convolutions on: the headline speed-up is against that, whatever flags
     an earlier row of the table left."""
     from idmap.config import compose_config
-    from idmap.models import build_resnet
-    from idmap.runtime import set_tf32
+    from idmap.models.resnet import build_resnet
+    from idmap.train.runtime import set_tf32
 
     seen = []
 
@@ -151,8 +151,8 @@ def test_the_classic_baseline_runs_at_pytorchs_default_tf32_and_the_strict_row_w
 
 
 def test_the_ghost_bn_rows_time_the_one_pass_and_the_chunked_batch_norm():
-    import idmap.trainer
-    from idmap.norm import ChunkedGhostBatchNorm2d, GhostBatchNorm2d
+    import idmap.train.trainer
+    from idmap.models.norm import ChunkedGhostBatchNorm2d, GhostBatchNorm2d
 
     args = bench.parse_args([*SMOKE, "--device", "cpu"])
     for name, kind in [("bf16+channels_last+fused_sgd+ghost_bn", GhostBatchNorm2d),
@@ -160,6 +160,6 @@ def test_the_ghost_bn_rows_time_the_one_pass_and_the_chunked_batch_norm():
         setting = bench.BY_NAME[name]
         assert "model.bn_batch=8" in bench.trainer_overrides(args, 8, setting)  # half of --batch-size 16
         with bench._chunked_ghost_bn(setting.chunked_bn):
-            model = idmap.trainer.build_resnet(8, widths=(4, 8, 16), bn_batch=8)
+            model = idmap.train.trainer.build_resnet(8, widths=(4, 8, 16), bn_batch=8)
         assert {type(m) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {kind}
-    assert idmap.trainer.build_resnet is bench.build_resnet  # put back
+    assert idmap.train.trainer.build_resnet is bench.build_resnet  # put back

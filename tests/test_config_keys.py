@@ -12,10 +12,10 @@ from conftest import ROOT, TINY
 
 from idmap import IdmapError, config
 from idmap.config import AT_LEAST_0, Config, Role, TrainerConfig, has_role, setting, with_role
-from idmap.plan import speed_key
-from idmap.resume import _runs_differently
-from idmap.state import settings_changed, switches_changed
-from idmap.trainer import hparams
+from idmap.perf.plan import speed_key
+from idmap.run.resume import _runs_differently
+from idmap.train.state import settings_changed, switches_changed
+from idmap.train.trainer import hparams
 
 
 @dataclass

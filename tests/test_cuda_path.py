@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch._dynamo
 
-import idmap.runtime as runtime
+import idmap.train.runtime as runtime
 from conftest import TINY, make_cfg, run_train
 from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint, save_checkpoint
-from idmap.models import build_resnet
+from idmap.train.checkpoint import load_checkpoint, save_checkpoint
+from idmap.models.resnet import build_resnet
 from idmap.rundir import CHECKPOINT, METRICS
-from idmap.state import BatchStream, RunExists, TrainState
-from idmap.trainer import DeviceData, build, train
+from idmap.train.state import BatchStream, RunExists, TrainState
+from idmap.train.trainer import DeviceData, build, train
 
 SHORT = [*TINY, "trainer.max_iters=20", "trainer.eval_every=20", "trainer.checkpoint_every=20"]
 
@@ -184,7 +184,7 @@ def test_fp32_turns_tf32_off_through_allow_tf32_on_a_torch_without_fp32_precisio
 def test_checkpoint_time_does_not_count_in_images_per_sec(tmp_path, monkeypatch):
     """On a clock that only steps (10 ms each) and checkpoints (100 s each) move, the measured
     rate is the steps' alone."""
-    import idmap.trainer as trainer
+    import idmap.train.trainer as trainer
 
     clock = [0.0]
     step, save = trainer.Loop.step, TrainState.save
@@ -212,7 +212,7 @@ def test_checkpoint_time_does_not_count_in_images_per_sec(tmp_path, monkeypatch)
 @pytest.mark.parametrize("seen", [1, 4])
 def test_a_pooled_job_whose_cuda_sees_more_than_its_gpu_fails_in_one_line(tmp_path, monkeypatch, seen):
     """Without NVML, counting GPUs starts CUDA before the job's mask is set, which CUDA then ignores."""
-    import idmap.gpus as gpus
+    import idmap.run.gpu_pool as gpus
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -240,7 +240,7 @@ def test_a_bad_value_for_spawned_processes_is_one_line_before_any_process_starts
 @pytest.fixture
 def two_gpus(monkeypatch):
     """launch.py's view of a node with two GPUs; init_process_group records its arguments."""
-    import idmap.launch as launch
+    import idmap.run.launch as launch
 
     calls = []
 

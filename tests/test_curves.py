@@ -1,4 +1,4 @@
-"""scripts/plot_curves.py (idmap.curves) on small run directories made here.
+"""scripts/plot_curves.py (idmap.analysis.curves) on small run directories made here.
 
 Every summary.json and metrics.jsonl in this file is a made-up test fixture, not a result.
 """
@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-from idmap import curves
+from idmap.analysis import curves
 from test_report import ROOT, TABLE2_ORIGINAL_110, built_model, fake_run, table1
 
 

@@ -20,7 +20,7 @@ import torchvision
 from PIL import Image
 
 from idmap import IdmapError
-from idmap import data
+from idmap.train import data
 from idmap.config import DatasetConfig
 
 

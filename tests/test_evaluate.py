@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, TINY, make_cfg
-from idmap.checkpoint import load_checkpoint, save_checkpoint
-from idmap.data import load_dataset
-from idmap.evaluation import EVAL_STATS, RUN_STATS, main, slug
-from idmap.trainer import train
+from idmap.train.checkpoint import load_checkpoint, save_checkpoint
+from idmap.train.data import load_dataset
+from idmap.train.evaluation import EVAL_STATS, RUN_STATS, main, slug
+from idmap.train.trainer import train
 
 # The TINY run's data set again, named as a config group plus fields.
 TINY_DATA = [a for a in TINY if a.startswith("dataset")]

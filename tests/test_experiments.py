@@ -14,9 +14,9 @@ from hydra.types import RunMode
 
 from conftest import CONF, ROOT
 from idmap.config import check_config
-from idmap.paper import TABLES
-from idmap.report import main as report_main
-from idmap.sweep import failed_jobs
+from idmap.analysis.paper import TABLES
+from idmap.analysis.report import main as report_main
+from idmap.run.sweep_status import failed_jobs
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SEEDS = [1, 2, 3, 4, 5]
@@ -66,7 +66,7 @@ def test_seed_on_the_command_line_narrows_the_sweep_to_one_seed(name):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_each_job_composes_to_a_different_row_of_the_paper(name):
-    """Every job's Hydra choices are those of exactly one row of src/idmap/paper.py, and every row
+    """Every job's Hydra choices are those of exactly one row of src/idmap/analysis/paper.py, and every row
     gets a job: the experiment files and the paper's reference numbers describe the same table."""
     table = TABLES[name]
     found = []
@@ -100,7 +100,7 @@ TABLE1 = {
 
 def built_unit(cfg) -> str:
     """The unit type the run builds ('auto' resolved as build_resnet does)."""
-    from idmap.models import auto_unit
+    from idmap.models.resnet import auto_unit
 
     return auto_unit(cfg.model.depth) if cfg.model.unit == "auto" else cfg.model.unit
 

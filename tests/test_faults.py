@@ -16,8 +16,8 @@ import torch
 
 from conftest import ROOT, TINY, Made, make_cfg, run_train
 from idmap import IdmapError
-from idmap.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from idmap.trainer import train
+from idmap.train.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from idmap.train.trainer import train
 
 # Deterministic and long enough that a kill lands mid-run; a checkpoint every 10 iterations.
 EXACT = [*TINY, "trainer.max_iters=120", "trainer.eval_every=20", "trainer.checkpoint_every=10",
@@ -125,7 +125,7 @@ def test_disk_full_while_checkpointing_says_so_and_keeps_the_previous_checkpoint
 
 
 def test_disk_full_during_a_run_ends_it_with_one_message(tmp_path, monkeypatch):
-    import idmap.checkpoint as ckpt
+    import idmap.train.checkpoint as ckpt
 
     def full_disk_write(path, write, mode="wb"):  # what a file write on a full disk raises
         raise OSError(errno.ENOSPC, "No space left on device")

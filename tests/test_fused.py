@@ -1,4 +1,4 @@
-"""The fused probe (idmap.fused): N nets trained as one model through torch.func are N separate
+"""The fused probe (idmap.perf.fused): N nets trained as one model through torch.func are N separate
 nets: the same outputs, gradients, BN running statistics and weights after SGD steps."""
 
 import copy
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idmap.fused import FusedNets
-from idmap.models import build_resnet
+from idmap.perf.fused import FusedNets
+from idmap.models.resnet import build_resnet
 
 N, BATCH = 3, 8
 

@@ -1,4 +1,4 @@
-"""idmap-gpu-check (idmap.gpu_check): its rehearsal runs every step of both calls on this CPU and
+"""idmap-gpu-check (idmap.perf.gpu_check): its rehearsal runs every step of both calls on this CPU and
 leaves a bundle the device tool brings back whole; a step that hangs costs its row only; each
 step's cap comes with its estimate, part 1 fits 300 s; packing, fused, resume and the MPS waits
 are measured as the issue's fixes say; the one-call recipe fits the device tool's 2,000
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from idmap import gpu_check, gpu_check_runs as runs, gpu_check_steps as steps
-from idmap.gpu_check_runs import bench_rows, together_rate
-from idmap.gpu_check_sizes import PACKED, REHEARSAL, train_overrides
+from idmap.perf import gpu_check, gpu_check_processes as runs, gpu_check_steps as steps
+from idmap.perf.gpu_check_processes import bench_rows, together_rate
+from idmap.perf.gpu_check_sizes import PACKED, REHEARSAL, train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -181,7 +181,7 @@ def test_packings_aggregate_counts_only_the_span_in_which_every_run_trained():
     # 1,000 img/s while both ran. The first window of each (iterations 0 to 10) is its warm-up.
     a = metrics((10, -1.0, 1000), (60, 5.0, 1000), (85, 10.0, 500))
     b = metrics((10, 4.0, 1000), (35, 10.0, 500), (85, 15.0, 1000))
-    from idmap.bench import steady_rate
+    from idmap.perf.bench import steady_rate
 
     assert steady_rate(a, 100) + steady_rate(b, 100) == pytest.approx(1500)
     rate, seconds = together_rate([a, b], 100, after=10)
@@ -193,7 +193,7 @@ def test_packings_aggregate_counts_only_the_span_in_which_every_run_trained():
 def test_the_trainer_stamps_each_window_with_the_wall_clock(tmp_path, one_thread):
     from conftest import TINY, make_cfg
     from idmap.rundir import read_metrics
-    from idmap.trainer import train
+    from idmap.train.trainer import train
 
     t0 = time.time()
     train(make_cfg(*TINY), tmp_path)
@@ -258,16 +258,16 @@ def test_mps_logs_come_back_and_its_start_and_quit_wait_no_longer_than_the_cap(t
 # ---- finding 13: only a bit-exact resume passes -----------------------------------------------
 def test_the_resume_step_passes_no_broken_resume(tmp_path, monkeypatch, one_thread):
     """Weights restored at bf16 precision: within 1e-2 of the uninterrupted run's, yet wrong."""
-    import idmap.state
+    import idmap.train.state
 
-    load = idmap.state.TrainState.load_state_dict
+    load = idmap.train.state.TrainState.load_state_dict
 
     def rounded(self, state, with_sums=True):
         load(self, state, with_sums)
         for p in self.model.parameters():
             p.data.copy_(p.data.bfloat16())
 
-    monkeypatch.setattr(idmap.state.TrainState, "load_state_dict", rounded)
+    monkeypatch.setattr(idmap.train.state.TrainState, "load_state_dict", rounded)
     ctx = context(tmp_path, 120)
     steps.resume(ctx)
     assert ctx.items and all(i["status"].startswith("failed: not bit-exact") for i in ctx.items), ctx.items
@@ -275,7 +275,7 @@ def test_the_resume_step_passes_no_broken_resume(tmp_path, monkeypatch, one_thre
 
 def test_the_resume_row_fails_when_a_resumed_run_does_not_continue_exactly(tmp_path, monkeypatch, one_thread):
     """The check can fail: a resume that forgets the data order is caught, not called equal."""
-    from idmap.state import BatchStream
+    from idmap.train.state import BatchStream
 
     overrides = [*train_overrides(REHEARSAL, 6, 2), *REHEARSAL.resnet20, "trainer.checkpoint_every=2",
                  "trainer.deterministic=true"]

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from idmap import IdmapError, gpus
-from idmap.gpus import acquire_gpu, pin_job_to_gpu
+from idmap import IdmapError
+from idmap.run import gpu_pool as gpus
+from idmap.run.gpu_pool import acquire_gpu, pin_job_to_gpu
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FORK = multiprocessing.get_context("fork")  # the jobs only need this module's functions: fork is fast

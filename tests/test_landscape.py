@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from idmap.checkpoint import load_model, save_checkpoint
-from idmap.models import model_kwargs
+from idmap.train.checkpoint import load_model, save_checkpoint
+from idmap.models.resnet import model_kwargs
 from idmap.config import Config
-from idmap.data import load_dataset, normalization, normalize
-from idmap.landscape import filter_normalized_direction, grid, loss_surface
-from idmap.models import build_resnet
+from idmap.train.data import load_dataset, normalization, normalize
+from idmap.analysis.landscape import filter_normalized_direction, grid, loss_surface
+from idmap.models.resnet import build_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = 96
@@ -134,17 +134,17 @@ def test_the_files_are_the_grid_and_readable_pngs(landscape):
 def test_the_fixed_subset_is_random_not_the_first_images_of_a_class_sorted_folder(run_dir, monkeypatch):
     import dataclasses
 
-    import idmap.data
-    from idmap.landscape import training_images
+    import idmap.train.data
+    from idmap.analysis.landscape import training_images
 
-    real = idmap.data.load_dataset
+    real = idmap.train.data.load_dataset
 
     def class_sorted(ds_cfg):  # as an image folder lists its images: class by class
         d = real(ds_cfg)
         order = torch.argsort(d.train_y, stable=True)
         return dataclasses.replace(d, train_x=d.train_x[order], train_y=d.train_y[order])
 
-    monkeypatch.setattr(idmap.data, "load_dataset", class_sorted)
+    monkeypatch.setattr(idmap.train.data, "load_dataset", class_sorted)
     _, cfg = load_model(run_dir)
     x, y = training_images(cfg, 64)
     x2, y2 = training_images(cfg, 64)

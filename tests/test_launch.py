@@ -10,8 +10,8 @@ import sys
 import pytest
 from conftest import DDP, ROOT, SHORT, run_train
 
-from idmap.resume import resume_argv
-from idmap.sweep import swept_values
+from idmap.run.resume import resume_argv
+from idmap.run.sweep_status import swept_values
 
 
 def _summary(run_dir):

@@ -62,7 +62,7 @@ def _metric_iterations(run_dir: Path) -> list[int]:
 
 class FakeGpuPool(Callback):
     """A Hydra callback (`hydra.callbacks`): it runs in each job's own process, a joblib worker,
-    just before the job. There it wraps idmap.gpus.pin_job_to_gpu, which launch.main looks up at
+    just before the job. There it wraps idmap.run.gpu_pool.pin_job_to_gpu, which launch.main looks up at
     each job, so that the real pool claims a slot on one of the GPUs that CUDA_VISIBLE_DEVICES
     lists and masks the job to it; only the device the job then trains on is the CPU, as there is
     no GPU here. Each job writes what it was given to fake_gpu.json in its run directory, then
@@ -70,7 +70,7 @@ class FakeGpuPool(Callback):
     so the jobs provably ran at the same time, and so must have claimed different GPUs."""
 
     def on_job_start(self, config, **kwargs) -> None:
-        from idmap import gpus
+        from idmap.run import gpu_pool as gpus
 
         if getattr(gpus.pin_job_to_gpu, "fake", False):  # a reused worker patched it already
             return

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from idmap.models import (
+from idmap.models.resnet import (
     ORDERINGS,
     SHORTCUTS,
     UNITS,

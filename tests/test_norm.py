@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from idmap.models import build_resnet
-from idmap.norm import ChunkedGhostBatchNorm2d, GhostBatchNorm2d, to_chunked
+from idmap.models.resnet import build_resnet
+from idmap.models.norm import ChunkedGhostBatchNorm2d, GhostBatchNorm2d, to_chunked
 
 
 def _pair(bn_batch=8, channels=3):

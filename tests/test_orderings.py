@@ -1,4 +1,4 @@
-"""Residual units as data (idmap.orderings): the paper's five defined once, a user's own written in
+"""Residual units as data (idmap.models.orderings): the paper's five defined once, a user's own written in
 a block file on Hydra's search path, and a malformed one refused in one line."""
 
 import json
@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, TINY, make_cfg, run_train
 from idmap import IdmapError
-from idmap.models import SHORTCUTS, UNITS, build_resnet, count_parameters, model_kwargs
-from idmap.orderings import ORDERINGS, Ordering, block_of, check_config, parse
-from idmap.report import main as report_main
+from idmap.models.resnet import SHORTCUTS, UNITS, build_resnet, count_parameters, model_kwargs
+from idmap.models.orderings import ORDERINGS, Ordering, block_of, check_config, parse
+from idmap.analysis.report import main as report_main
 
 USER_UNIT = """\
 # @package model

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, SHORT, TINY, make_cfg, run_train
 
-from idmap.launch import run
+from idmap.run.launch import run
 from idmap.rundir import RunInUse, lock_run_dir, unlock_run_dir, write_summary
-from idmap.sweep import failed_jobs
+from idmap.run.sweep_status import failed_jobs
 
 
 def _files(folder: Path) -> dict:

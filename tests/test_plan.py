@@ -1,4 +1,4 @@
-"""idmap-plan (idmap.plan, scripts/plan.py): a sweep's jobs as Hydra's sweeper expands them, each
+"""idmap-plan (idmap.perf.plan, scripts/plan.py): a sweep's jobs as Hydra's sweeper expands them, each
 distinct model timed with the trainer's own step, and what the whole sweep will cost."""
 
 import itertools
@@ -10,7 +10,8 @@ import time
 import pytest
 
 from conftest import ROOT, TINY
-from idmap import plan, trainer
+from idmap.perf import plan
+from idmap.train import trainer
 from idmap.config import compose_config
 
 

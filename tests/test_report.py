@@ -1,4 +1,4 @@
-"""scripts/report.py (idmap.report) on small run directories made here.
+"""scripts/report.py (idmap.analysis.report) on small run directories made here.
 
 Every summary.json and metrics.jsonl in this file is a made-up test fixture, not a result.
 """
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from idmap.lines import Line
-from idmap.paper import FAIL, TABLES, baseline_rows
-from idmap.report import baseline_name, group, main
-from idmap.runs import depth_option, load_runs
+from idmap.analysis.lines import Line
+from idmap.analysis.paper import FAIL, TABLES, baseline_rows
+from idmap.analysis.report import baseline_name, group, main
+from idmap.analysis.run_records import depth_option, load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE2_ORIGINAL_110 = {"experiment": "table2", "block": "original", "depth": "110",

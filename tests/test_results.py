@@ -1,4 +1,4 @@
-"""idmap.results (scripts/results.py): only completed runs are kept, and only their small files; the
+"""idmap.analysis.results_page (scripts/results.py): only completed runs are kept, and only their small files; the
 page holds the report's tables, the curves, each run's provenance and the bf16 check's verdict."""
 
 import json
@@ -9,8 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, run_train
-from idmap import cli, results
-from idmap.runs import Run
+from idmap import cli
+from idmap.analysis import results_page as results
+from idmap.analysis.run_records import Run
 
 SHORT = [*TINY, "trainer.max_iters=20", "trainer.eval_every=10", "trainer.checkpoint_every=20"]
 

@@ -3,8 +3,8 @@
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from idmap.rundir import LAYOUT, SCALARS
-from idmap.trainer import train
+from idmap.train.runlog import LAYOUT, SCALARS
+from idmap.train.trainer import train
 
 
 def _layout(run_dir) -> layout_pb2.Layout:

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from idmap.models import build_resnet
-from idmap.signals import log_signals, unit_signals
+from idmap.models.resnet import build_resnet
+from idmap.analysis.signals import log_signals, unit_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 

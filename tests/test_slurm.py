@@ -17,9 +17,9 @@ import torch
 from hydra.experimental.callback import Callback
 
 from conftest import ROOT, TINY
-from idmap.checkpoint import load_checkpoint
-from idmap.paper import TABLES
-from idmap.slurm import REFUSALS, failure_reason, refusal
+from idmap.train.checkpoint import load_checkpoint
+from idmap.analysis.paper import TABLES
+from idmap.run.slurm import REFUSALS, failure_reason, refusal
 from test_launchers import _ended_at_exit, _start_sweep, _summary
 
 
@@ -133,7 +133,7 @@ class SlowSteps(Callback):
     so that a short run outlasts one 1-minute SLURM time limit however fast this machine is."""
 
     def on_job_start(self, config, **kwargs) -> None:
-        from idmap.trainer import Loop
+        from idmap.train.trainer import Loop
 
         step, pause = Loop.step, float(os.environ["IDMAP_TEST_STEP_S"])
 

@@ -1,4 +1,4 @@
-"""Is one row really better than another: src/idmap/stats.py on constructed seed errors.
+"""Is one row really better than another: src/idmap/analysis/stats.py on constructed seed errors.
 
 Every error in this file is made up (fixed random seeds or written out), not a result.
 """
@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from idmap import stats
+from idmap.analysis import stats
 from test_report import TABLE2_ORIGINAL_110, fake_run, md_row, report, table1
 
 FULL_PREACT_110 = {**TABLE2_ORIGINAL_110, "block": "full_preact"}

@@ -1,4 +1,4 @@
-"""The report of any sweep (idmap.sweeps through scripts/report.py): settings read from what each
+"""The report of any sweep (idmap.analysis.sweep_table through scripts/report.py): settings read from what each
 run recorded, the paper tables' columns and methods, --by, --baseline, --next.
 
 Every summary.json in this file is a made-up test fixture, not a result.
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY
-from idmap.report import main
-from idmap.runs import load_runs
-from idmap.sweeps import default_keys, parse_setting, sweep
+from idmap.analysis.report import main
+from idmap.analysis.run_records import load_runs
+from idmap.analysis.sweep_table import default_keys, parse_setting, sweep
 
 _counter = iter(range(10**6))
 
@@ -224,7 +224,7 @@ def test_next_prints_a_runnable_command_whose_runs_a_second_report_pools(tmp_pat
 
 
 def test_curves_group_a_sweep_as_the_report_does(tmp_path, capsys):
-    from idmap import curves
+    from idmap.analysis import curves
 
     d = tmp_path / "s"
     for lr, finals in {"0.1": (7.0, 7.4, 6.8), "0.05": (9.0, 9.5)}.items():

@@ -6,8 +6,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF, TINY, make_cfg, run_train
-from idmap.checkpoint import load_checkpoint, load_model
-from idmap.trainer import BatchStream, learning_rate, train
+from idmap.train.checkpoint import load_checkpoint, load_model
+from idmap.train.trainer import BatchStream, learning_rate, train
 
 RUN_FILES = ["summary.json", "metrics.jsonl", "checkpoint.pt", ".hydra/config.yaml", ".hydra/overrides.yaml"]
 
@@ -96,14 +96,14 @@ def test_shortcut_parameters_are_overridable_and_typos_fail_at_startup():
                                                  ("164", 164, "bottleneck"), ("1001", 1001, "bottleneck"),
                                                  ("1202", 1202, "basic"), ("110_1layer", 110, "single")])
 def test_depth_options_give_the_papers_networks(choice, depth, unit):
-    from idmap.models import auto_unit
+    from idmap.models.resnet import auto_unit
 
     m = make_cfg(f"depth={choice}").model
     assert m.depth == depth and (auto_unit(depth) if m.unit == "auto" else m.unit) == unit
 
 
 def test_a_bare_model_depth_gets_the_papers_unit_too():
-    from idmap.models import auto_unit
+    from idmap.models.resnet import auto_unit
 
     m = make_cfg("model.depth=164").model
     assert auto_unit(m.depth) == "bottleneck" and m.unit == "auto"

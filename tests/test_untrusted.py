@@ -3,7 +3,7 @@ ordering and nothing else, a run's or a sweep's record replays only this project
 option is a name and never a path, a link in a run directory is not written through, and a
 checkpoint's refusal never repeats torch's advice to load it unsafely.
 
-Every attack here uses idmap.gpu_check_runs.start, a project function that starts a process, as
+Every attack here uses idmap.perf.gpu_check_processes.start, a project function that starts a process, as
 the issue's did: Hydra's own blocklist does not stop it."""
 
 import argparse
@@ -16,17 +16,17 @@ import torch
 from conftest import ROOT, TINY
 
 from idmap import IdmapError
-from idmap.checkpoint import load_checkpoint
+from idmap.train.checkpoint import load_checkpoint
 from idmap.cli import plan
 from idmap.overrides import check_overrides
-from idmap.launch import claim
-from idmap.resume import resume_argv
+from idmap.run.launch import claim
+from idmap.run.resume import resume_argv
 from idmap.rundir import unlock_run_dir
-from idmap.state import RunExists
+from idmap.train.state import RunExists
 
 
 def _callback(marker: Path) -> str:
-    return (f"  callbacks:\n    pwn:\n      _target_: idmap.gpu_check_runs.start\n"
+    return (f"  callbacks:\n    pwn:\n      _target_: idmap.perf.gpu_check_processes.start\n"
             f"      cmd: [touch, {marker}]\n      log: {{_target_: pathlib.Path, _args_: [{marker}.log]}}\n")
 
 
@@ -95,8 +95,8 @@ def _run_record(tmp_path: Path, overrides: list[str]) -> Path:
 
 
 @pytest.mark.parametrize("line", [
-    "hydra.callbacks.pwn._target_=idmap.gpu_check_runs.start",
-    "+hydra.callbacks.pwn._target_=idmap.gpu_check_runs.start",
+    "hydra.callbacks.pwn._target_=idmap.perf.gpu_check_processes.start",
+    "+hydra.callbacks.pwn._target_=idmap.perf.gpu_check_processes.start",
     "++hydra.job_logging.handlers.file.filename=/tmp/elsewhere.log",
     "hydra.launcher.setup=[touch /tmp/pwned]",
     "tags={_target_: os.system}",
@@ -122,7 +122,7 @@ def _sweep_record(tmp_path: Path, task=("seed=1,2",), hydra=(), subdir="${hydra.
 def test_a_sweeps_record_replays_only_this_projects_settings_and_job_folders_inside_it(tmp_path):
     legit = resume_argv([f"trainer.resume={_sweep_record(tmp_path / 'a', hydra=['hydra.launcher.n_jobs=2'])}"])
     assert "hydra.launcher.n_jobs=2" in legit
-    for n, record in enumerate([dict(hydra=["hydra.callbacks.pwn._target_=idmap.gpu_check_runs.start"]),
+    for n, record in enumerate([dict(hydra=["hydra.callbacks.pwn._target_=idmap.perf.gpu_check_processes.start"]),
                                 dict(hydra=["hydra.launcher.submitit_folder=/tmp/elsewhere"]),
                                 dict(task=["seed=1,2", "hydra.run.dir=/tmp/x"]),
                                 dict(subdir="../../elsewhere/${hydra.job.num}")]):

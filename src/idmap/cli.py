@@ -70,7 +70,7 @@ def number(kind: type = float, low: float = 0, strict: bool = True) -> Callable[
 
 def device(text: str) -> str:
     """An argparse type: a device name as trainer.device takes it (auto, cpu, cuda, cuda:N)."""
-    from idmap.runtime import DEVICE
+    from idmap.train.runtime import DEVICE
 
     if not DEVICE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is no device; use auto, cpu, cuda or cuda:N")
@@ -94,12 +94,14 @@ def _entry(module: str) -> Callable[..., int]:
     def entry(argv: Sequence[str] | None = None) -> int:
         return run_command(importlib.import_module(module).main, argv)
 
-    entry.__doc__ = f"The {module.rsplit('.', 1)[1]} command with the scripts' exit codes."
+    entry.__doc__ = f"The {module.rsplit('.', 1)[-1]} command with the scripts' exit codes."
     return entry
 
 
-# The console commands of pyproject.toml (idmap-report, ...), and scripts/*.py.
-report, curves, evaluate = _entry("idmap.report"), _entry("idmap.curves"), _entry("idmap.evaluation")
-bench, signals, landscape = _entry("idmap.bench"), _entry("idmap.signals"), _entry("idmap.landscape")
-plan, gpu_check = _entry("idmap.plan"), _entry("idmap.gpu_check")
-results = _entry("idmap.results")
+# The console commands of pyproject.toml (idmap-report, ...), and scripts/*.py. Named as text: the
+# commands' edge may name the measuring code (idmap.perf), which no product module imports.
+report, curves = _entry("idmap.analysis.report"), _entry("idmap.analysis.curves")
+evaluate = _entry("idmap.train.evaluation")
+signals, landscape = _entry("idmap.analysis.signals"), _entry("idmap.analysis.landscape")
+results = _entry("idmap.analysis.results_page")
+bench, plan, gpu_check = _entry("idmap.perf.bench"), _entry("idmap.perf.plan"), _entry("idmap.perf.gpu_check")

@@ -19,10 +19,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from idmap import IdmapError
-from idmap.data import DATASETS, NORMALIZATIONS
-from idmap.models import DOWNSAMPLES, SHORTCUT_DEFAULTS, SHORTCUTS, UNITS
+from idmap.train.data import DATASETS, NORMALIZATIONS
+from idmap.models.resnet import DOWNSAMPLES, SHORTCUT_DEFAULTS, SHORTCUTS, UNITS
 from idmap.paths import CONF  # the project's config groups (train.yaml's)
-from idmap.runtime import COMPILE_MODES, DEVICE, PRECISIONS, SGD_IMPLS
+from idmap.train.runtime import COMPILE_MODES, DEVICE, PRECISIONS, SGD_IMPLS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class ModelConfig:
     # A paper ordering's name, or the name of a block file's own ordering (checked in _joint).
     block: str = setting("full_preact", TEXT, C, H, help="figure 4's ordering (a)-(e), or a block file's own")
     # A unit the paper did not try: {layer, last, after_add} as lists of bn/relu/conv, checked by
-    # idmap.orderings (Any here, so that a malformed one gets that one-line message, not Hydra's).
+    # idmap.models.orderings (Any here, so that a malformed one gets that one-line message, not Hydra's).
     ordering: Optional[Any] = setting(None, _rule(lambda v: v is None or isinstance(v, dict),
                                                   "null or a mapping of layer, last and after_add"), C, H,
                                       help="a block file's ordering: layer, last and after_add")
@@ -214,7 +214,7 @@ class TrainerConfig:
 
 @dataclass
 class GpuPoolConfig:
-    """Jobs of a sweep running in parallel on one machine take one GPU each (see idmap.gpus)."""
+    """Jobs of a sweep running in parallel on one machine take one GPU each (see idmap.run.gpu_pool)."""
 
     enabled: bool = setting(False, BOOL, R, P, help="one GPU per job of a sweep on one machine")
     jobs_per_gpu: int = setting(1, _integer(1), R, P)
@@ -359,7 +359,7 @@ def hydra_path(cfg, key: str) -> Optional[Path]:
 
 def _joint(cfg) -> list[tuple[bool, str]]:
     """Checks of keys taken together (each key alone already passed)."""
-    from idmap.orderings import ORDERINGS
+    from idmap.models.orderings import ORDERINGS
 
     t, m = cfg.trainer, cfg.model
     return [
@@ -380,7 +380,7 @@ def _joint(cfg) -> list[tuple[bool, str]]:
 def check_config(cfg, choices=None) -> None:
     """IdmapError naming the key, its value and what is allowed, for the first bad setting; a block
     file's ordering is checked with the file's name (`choices`: the run's group choices)."""
-    from idmap.orderings import check_config as check_ordering
+    from idmap.models.orderings import check_config as check_ordering
 
     for key in keys().values():
         value = OmegaConf.select(cfg, key.name, throw_on_missing=False)

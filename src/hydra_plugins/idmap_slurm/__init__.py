@@ -1,5 +1,5 @@
 """idmap's SLURM launcher as Hydra must find it (launchers are instantiated only from the
-hydra_plugins package); idmap.slurm holds what it does differently from hydra-submitit-launcher.
+hydra_plugins package); idmap.run.slurm holds what it does differently from hydra-submitit-launcher.
 Without that plugin installed this defines nothing, so Hydra's plugin scan stays quiet."""
 
 try:
@@ -14,6 +14,6 @@ if _SubmititSlurm is not None:
         requeue) is unchanged, the submitting side reports refusals and failed jobs in one line each."""
 
         def launch(self, job_overrides, initial_job_idx):
-            from idmap.slurm import launch
+            from idmap.run.slurm import launch
 
             return launch(self, job_overrides, initial_job_idx)

@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from idmap.resume import recorded
+from idmap.run.resume import recorded
 from idmap.rundir import (MULTIRUN, SUMMARY, Status, mark_failed, override_key, read_summary, read_sweep_plan, run_dirs,
                           update_summary)
 

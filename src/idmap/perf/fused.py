@@ -2,7 +2,7 @@
 and data, trained as one model through torch.func (stack_module_state + functional_call + vmap).
 
 A sweep of seeds runs N small nets whose kernels are too short to fill a GPU; stacked, each kernel
-does N nets' work. The GPU check (idmap.gpu_check) times this against N separate processes; only
+does N nets' work. The GPU check (idmap.perf.gpu_check) times this against N separate processes; only
 that number decides whether fused seeds become a feature, so nothing here goes beyond the probe.
 
 Each net's parameters and buffers are slices of stacked tensors. vmap maps over the stack, so every

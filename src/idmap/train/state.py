@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from idmap import IdmapError
-from idmap.checkpoint import fits, load_checkpoint, save_checkpoint
+from idmap.train.checkpoint import fits, load_checkpoint, save_checkpoint
 from idmap.config import Role, has_role, with_role
 
 log = logging.getLogger("idmap")

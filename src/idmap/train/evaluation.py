@@ -23,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from idmap import IdmapError, cli
-from idmap.checkpoint import fits, load_checkpoint, model_from_state
+from idmap.train.checkpoint import fits, load_checkpoint, model_from_state
 from idmap.paths import CONF
 from idmap.rundir import checkpoint_path, write_files
-from idmap.runtime import autocast, memory_format, resolve_device, set_tf32
+from idmap.train.runtime import autocast, memory_format, resolve_device, set_tf32
 
 
 @dataclass
@@ -171,7 +171,7 @@ def load_inputs(run_ds: DictConfig, eval_ds: DictConfig) -> EvalInputs:
     """Loads the evaluation set and the mean/std the model was trained with: the run's training
     set's (as the trainer computes them). Another evaluation set is normalised with them too, so
     only the images change; when the run's data is not here, with that set's own training statistics."""
-    from idmap import data as datamod
+    from idmap.train import data as datamod
 
     mode = eval_ds.normalization
     data = datamod.load_dataset(eval_ds)  # an IdmapError here: nothing to evaluate on
@@ -227,7 +227,7 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), data_di
     """A run directory's or checkpoint file's model on the test split of its data set (or of the one
     `overrides`/`data_dir` name), evaluated as the trainer evaluates it: same `evaluate`, same input
     normalisation, the run's precision and memory format. Returns what `write_evaluation` records."""
-    from idmap import data as datamod
+    from idmap.train import data as datamod
 
     ckpt = checkpoint_path(Path(path))
     dev = resolve_device(device)

@@ -1,5 +1,5 @@
-"""A line of a results table, shared by the paper's tables (idmap.report) and the sweep table
-(idmap.sweeps): the runs of one setting, their statistics against the reference and the
+"""A line of a results table, shared by the paper's tables (idmap.analysis.report) and the sweep table
+(idmap.analysis.sweep_table): the runs of one setting, their statistics against the reference and the
 baseline, the cells every table prints, and the pairs of lines whose order the paper gives."""
 
 import math
@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from idmap import stats
-from idmap.paper import FAIL, Row, is_fail
-from idmap.runs import Run
+from idmap.analysis import stats
+from idmap.analysis.paper import FAIL, Row, is_fail
+from idmap.analysis.run_records import Run
 
 # Smallest median-vs-paper gap that is flagged, in percentage points (see the module docstring).
 MIN_GAP = 0.5

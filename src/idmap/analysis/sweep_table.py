@@ -3,7 +3,7 @@
 A run's setting is read from what it recorded (its .hydra/ overrides and config, through
 idmap.rundir), never from folder names: by default the keys whose values differ between the runs,
 the seed left out so that a setting's seeds are pooled; `--by KEY,...` names the keys instead.
-A key a run did not override has the value of its config group choice (as built, runs.py) or of
+A key a run did not override has the value of its config group choice (as built, run_records.py) or of
 its composed config. The lines are lines.Line objects standing for a lines.Setting, so every
 column and method is the paper tables' own (median, mean ± std, seeds, fail, the median interval,
 Δ median vs a baseline, p, verdict; stats.py).
@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from idmap import IdmapError, stats
+from idmap import IdmapError
+from idmap.analysis import stats
 from idmap.config import Role, has_role
-from idmap.lines import SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, Setting, paper_pairs, setting_cells, stat_cells
-from idmap.paper import Table, baseline_rows
+from idmap.analysis.lines import SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, Setting, paper_pairs, setting_cells, stat_cells
+from idmap.analysis.paper import Table, baseline_rows
 from idmap.rundir import override_key
-from idmap.runs import Run
+from idmap.analysis.run_records import Run
 
 TABLE = "sweep"
 

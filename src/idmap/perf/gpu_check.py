@@ -32,13 +32,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from idmap import gpu_check_runs as runs, gpu_check_steps as steps, paths
-from idmap.gpu_check_runs import last_line, run_logged
-from idmap.gpu_check_sizes import GPU, REHEARSAL, Sizes
+from idmap.perf import gpu_check_processes as runs, gpu_check_steps as steps
+from idmap import paths
+from idmap.perf.gpu_check_processes import last_line, run_logged
+from idmap.perf.gpu_check_sizes import GPU, REHEARSAL, Sizes
 from idmap.rundir import atomic_write, write_json
 
 SUMMARY_MD, RESULTS_JSON, LOGS_TAR = "summary.md", "results.json", "logs.tar.gz"
-RUNNING_PGIDS = "running.pgids"  # in --out while children run (gpu_check_runs.PGIDS)
+RUNNING_PGIDS = "running.pgids"  # in --out while children run (gpu_check_processes.PGIDS)
 LOG_TAIL = 2 * 2**20  # bytes of each log kept in the bundle (its end: where failures are)
 
 
@@ -126,7 +127,7 @@ class Context:
         deadline = min(deadline or self.deadline, self.deadline)
         record = self.work / f"{name}.json"
         record.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "idmap.gpu_check", "--child", name, "--work", str(self.work),
+        cmd = [sys.executable, "-m", "idmap.perf.gpu_check", "--child", name, "--work", str(self.work),
                "--deadline", str(deadline)]
         cmd += ["--rehearse"] if self.rehearse else []
         cmd += ["--data", self.data] if self.data else []

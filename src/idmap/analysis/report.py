@@ -1,7 +1,7 @@
 """Reproduced test errors next to the paper's, one markdown table per table of the paper.
 
 Reads every run's summary (through idmap.rundir) under the given directories and puts the run into
-the row of src/idmap/paper.py whose Hydra choices it has, with block, shortcut and depth as the
+the row of src/idmap/analysis/paper.py whose Hydra choices it has, with block, shortcut and depth as the
 model was built: a choice that an override contradicts (model.block=...) is warned about and the
 run reported as built (issue 12). A row is split further by what its runs trained on
 (data set label, protocol, iterations), so a run on a stand-in data set or a shortened schedule is
@@ -19,7 +19,7 @@ Per row, over its seeds (the paper reports final errors; table 3 the median of 5
   and the paper's own spread is 0.14-0.22 pp (its table 4). Rows on other data are not compared.
 Failed (crashed), interrupted and running runs are counted in "seeds" but in no statistic.
 
-Whether two rows differ (the methods are in src/idmap/stats.py), only for rows of one network
+Whether two rows differ (the methods are in src/idmap/analysis/stats.py), only for rows of one network
 (table 2: one depth; table 3: one data set and network) on the same data, protocol and iterations:
 - median interval: the exact order-statistic interval for the median, with its real coverage.
 - vs baseline (--baseline; default: the network's original unit in tables 2-3, the table's first
@@ -28,7 +28,7 @@ Whether two rows differ (the methods are in src/idmap/stats.py), only for rows o
 - the paper's ordering: for each pair of rows that the paper orders (two different numbers, or a
   number and "fail"), whether the runs agree (significant, same direction), disagree (significant,
   opposite) or leave it undecided; --seeds-needed estimates how many seeds would decide it.
-Runs of no paper row go to one sweep table (idmap.sweeps), with these columns and methods.
+Runs of no paper row go to one sweep table (idmap.analysis.sweep_table), with these columns and methods.
 """
 
 import csv
@@ -37,11 +37,12 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from idmap import IdmapError, cli, stats
-from idmap.lines import (MIN_GAP, SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, iters_text, paper_pairs, pp,
+from idmap import IdmapError, cli
+from idmap.analysis import stats
+from idmap.analysis.lines import (MIN_GAP, SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, iters_text, paper_pairs, pp,
                          setting_cells, stat_cells)
-from idmap.paper import TABLES, Row, Table, baseline_rows
-from idmap.runs import Run, load_runs
+from idmap.analysis.paper import TABLES, Row, Table, baseline_rows
+from idmap.analysis.run_records import Run, load_runs
 
 
 def row_of(table: Table, run: Run) -> Optional[Row]:
@@ -208,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _report(args) -> int:
-    from idmap import sweeps  # it builds on this module
+    from idmap.analysis import sweep_table as sweeps  # it builds on this module
 
     runs, problems = load_runs(args.dirs)
     for p in problems:

@@ -1,4 +1,4 @@
-"""The sizes of the GPU check (idmap.gpu_check): the GPU's, and the rehearsal's tiny ones that run
+"""The sizes of the GPU check (idmap.perf.gpu_check): the GPU's, and the rehearsal's tiny ones that run
 the same steps on a 2-core CPU in about a minute. Everything else is the same code."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ against iterations; one colour per setting (the seeds of a setting share it).
 With --table, one curve per row of the paper's table (runs grouped as scripts/report.py groups
 them): the median over seeds at each evaluated iteration, the median being the paper's statistic,
 and a shaded band from the lowest to the highest seed, so seed noise is seen beside the gaps.
-With --by, the same per setting of any sweep, grouped as the report's sweep table (idmap.sweeps).
+With --by, the same per setting of any sweep, grouped as the report's sweep table (idmap.analysis.sweep_table).
 """
 
 import math
@@ -21,9 +21,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from idmap import cli, rundir
-from idmap.paper import TABLES
-from idmap.report import group
-from idmap.runs import load_run, load_runs
+from idmap.analysis.paper import TABLES
+from idmap.analysis.report import group
+from idmap.analysis.run_records import load_run, load_runs
 
 # The paper's figures show 0-20%; wider only when no curve gets below it (e.g. failing runs).
 PAPER_YMAX = 20.0
@@ -79,9 +79,9 @@ def collect_rows(dirs: Sequence[Path], table: str) -> Tuple[List[List[List[dict]
 
 def collect_settings(dirs: Sequence[Path], by: Optional[Sequence[str]] = None
                      ) -> Tuple[List[List[List[dict]]], List[str]]:
-    """Per setting of the report's sweep table (idmap.sweeps: `by`, or the overrides that differ
+    """Per setting of the report's sweep table (idmap.analysis.sweep_table: `by`, or the overrides that differ
     between the runs, seeds pooled): its seeds' evaluations, and its label."""
-    from idmap.sweeps import sweep
+    from idmap.analysis.sweep_table import sweep
 
     return _line_curves(sweep(_load(dirs), by).lines)
 

@@ -1,6 +1,6 @@
-"""The GPU check's steps that run CUDA work in a child process of their own (idmap.gpu_check kills it
+"""The GPU check's steps that run CUDA work in a child process of their own (idmap.perf.gpu_check kills it
 at its cap): machine, smoke, resume, fused, ghost BN. Each adds rows to `ctx` (gpu_check.Context)
-and runs the project's own code: idmap.launch.run on configs composed from conf/ as train.py
+and runs the project's own code: idmap.run.launch.run on configs composed from conf/ as train.py
 composes them, not a copy of the loop; what it times, it times as the trainer does (its flags from
 runtime.configure, one clock around many steps)."""
 
@@ -18,10 +18,10 @@ from typing import NamedTuple
 
 import torch
 
-from idmap.bench import _chunked_ghost_bn, free, short_error
+from idmap.perf.bench import _chunked_ghost_bn, free, short_error
 from idmap.config import compose_config
-from idmap.gpu_check_sizes import FAST, NO_COMPILE, NO_CUDA, PACKED, train_overrides
-from idmap.plan import time_step
+from idmap.perf.gpu_check_sizes import FAST, NO_COMPILE, NO_CUDA, PACKED, train_overrides
+from idmap.perf.plan import time_step
 
 
 def cuda_available() -> bool:
@@ -99,7 +99,7 @@ class Row(NamedTuple):
 def train_row(ctx, row: Row, overrides: list[str]) -> dict:
     """One short run in a fresh directory; ok when it completes with a finite training loss that
     agrees with its reference row's, where it has one."""
-    from idmap.launch import run
+    from idmap.run.launch import run
     from idmap.rundir import Status, read_metrics
 
     free(_device(ctx))
@@ -127,7 +127,7 @@ def smoke_rows(ctx) -> list[Row]:
     so that a compile that runs past the cap costs only compiled rows. A switch that keeps the maths
     is checked against the row without it; compiled rows use a small net that compiles in seconds,
     against its eager run (as tests/test_bench.py's GPU test, which the check does not run)."""
-    from idmap.models import ORDERINGS, SHORTCUTS
+    from idmap.models.resnet import ORDERINGS, SHORTCUTS
 
     s, cuda_only = ctx.sizes, "" if ctx.cuda else NO_CUDA
     compile_ok = "" if ctx.cuda else NO_COMPILE
@@ -195,10 +195,10 @@ def resume_pair(ctx, name: str, overrides: list[str]) -> dict:
     """A run stopped right after a checkpoint and resumed must end bit for bit as the run that was
     never stopped: deterministic kernels only, since with cuDNN autotuning two uninterrupted runs
     differ too, and no tolerance tells a broken resume from that."""
-    from idmap.checkpoint import load_checkpoint
-    from idmap.launch import run
+    from idmap.train.checkpoint import load_checkpoint
+    from idmap.run.launch import run
     from idmap.rundir import CHECKPOINT
-    from idmap.runtime import Interrupted
+    from idmap.train.runtime import Interrupted
 
     whole, parts = (Path(tempfile.mkdtemp(dir=ctx.work)) for _ in range(2))
     run(compose_config(*overrides), whole, choices={})
@@ -235,7 +235,7 @@ def resume(ctx) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# ghost-bn: ghost BN in one pass against the old chunked version (idmap.norm.to_chunked)
+# ghost-bn: ghost BN in one pass against the old chunked version (idmap.models.norm.to_chunked)
 # --------------------------------------------------------------------------------------------------
 def ghost_bn(ctx) -> None:
     """The trainer's own build and step (plan.time_step) timed twice, the second time with the
@@ -254,11 +254,11 @@ def ghost_bn(ctx) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# fused: N ResNet-20s trained as one model (idmap.fused), aggregate images/s
+# fused: N ResNet-20s trained as one model (idmap.perf.fused), aggregate images/s
 # --------------------------------------------------------------------------------------------------
 def fused(ctx) -> None:
-    from idmap.runtime import configure
-    from idmap.trainer import DeviceData
+    from idmap.train.runtime import configure
+    from idmap.train.trainer import DeviceData
 
     s, device = ctx.sizes, _device(ctx)
     cfg = compose_config(*train_overrides(s, 1, 1), *s.resnet20, *PACKED)  # as the packing runs
@@ -282,10 +282,10 @@ def fused(ctx) -> None:
 
 def _fused_rate(ctx, cfg, data, n: int) -> float:
     """Aggregate images/s of n ResNets trained as one: each its own weights and data order."""
-    from idmap.fused import FusedNets
-    from idmap.models import build_resnet, model_kwargs
-    from idmap.runtime import autocast
-    from idmap.state import BatchStream
+    from idmap.perf.fused import FusedNets
+    from idmap.models.resnet import build_resnet, model_kwargs
+    from idmap.train.runtime import autocast
+    from idmap.train.state import BatchStream
 
     s, device = ctx.sizes, _device(ctx)
     torch.manual_seed(cfg.seed)
@@ -308,7 +308,7 @@ def _fused_rate(ctx, cfg, data, n: int) -> float:
 
 def jpeg_cache(ctx) -> None:
     """Decodes (and caches) the JPEG copy once, before runs that would each decode it at once."""
-    from idmap.data import load_dataset
+    from idmap.train.data import load_dataset
 
     t0 = time.time()
     ds = load_dataset(compose_config("dataset=cifar10_jpeg", f"dataset.root={ctx.data}").dataset)

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 
-from idmap.norm import GhostBatchNorm2d, frozen_running_stats, norm as _norm
+from idmap.models.norm import GhostBatchNorm2d, frozen_running_stats, norm as _norm
 # Figure 4's orderings (and orderings given as data) live in orderings.py, their one home.
-from idmap.orderings import ORDERINGS, Ordering, block_of
+from idmap.models.orderings import ORDERINGS, Ordering, block_of
 
 
 # Weight layers of each unit type as (kernel, width multiplier); the unit's stride goes on the first
@@ -296,7 +296,7 @@ def build_resnet(
     """A CIFAR ResNet of `depth` weight layers with the paper's residual unit variants.
 
     block: original | bn_after_add | relu_before_add | relu_only_preact | full_preact (figure 4),
-        or an idmap.orderings.Ordering (e.g. orderings.parse(data, name)).
+        or an idmap.models.orderings.Ordering (e.g. orderings.parse(data, name)).
     shortcut: identity | constant_scaling | exclusive_gating | shortcut_only_gating | conv1x1 |
         dropout (figure 2); options shortcut_scale, residual_scale, gate_bias, gate_bn, dropout_p,
         dropout_rescale default to the rows the paper reports numbers for.

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from idmap import IdmapError, cli
-from idmap.checkpoint import fits, load_checkpoint, model_from_state
-from idmap.evaluation import evaluate
+from idmap.train.checkpoint import fits, load_checkpoint, model_from_state
+from idmap.train.evaluation import evaluate
 from idmap.rundir import check_contained, write_files
-from idmap.runtime import resolve_device
+from idmap.train.runtime import resolve_device
 
 
 def filter_normalized_direction(params: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -83,7 +83,7 @@ def training_images(cfg: dict, samples: int) -> tuple[torch.Tensor, torch.Tensor
     image folders list their images class by class."""
     from omegaconf import OmegaConf
 
-    from idmap.data import load_dataset, normalization, normalize
+    from idmap.train.data import load_dataset, normalization, normalize
 
     ds_cfg = OmegaConf.create(cfg).dataset
     data = load_dataset(ds_cfg)

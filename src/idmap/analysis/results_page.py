@@ -21,8 +21,9 @@ import statistics
 from pathlib import Path
 from typing import Optional, Sequence
 
-from idmap import IdmapError, cli, curves, report, rundir
-from idmap.runs import Run, load_runs
+from idmap import IdmapError, cli, rundir
+from idmap.analysis import curves, report
+from idmap.analysis.run_records import Run, load_runs
 
 TENSORBOARD = "events.out.tfevents.*"
 # Keys that say how a run ran, not what it computed: left out when runs are matched into pairs.

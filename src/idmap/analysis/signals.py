@@ -136,7 +136,7 @@ STYLES = ("-", "--", ":", "-.")
 
 def run_batch(cfg: dict, n: int, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        from idmap.landscape import training_images
+        from idmap.analysis.landscape import training_images
 
         return training_images(cfg, n)
     except (ImportError, IdmapError) as exc:  # no data module or no data: say so, use noise
@@ -151,10 +151,10 @@ def random_batch(n: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.T
 
 def main(argv=None) -> int:
     """`scripts/signals.py` / `idmap-signals`: the figure for untrained nets and trained runs."""
-    from idmap.checkpoint import load_model
-    from idmap.models import ORDERINGS, build_resnet
+    from idmap.train.checkpoint import load_model
+    from idmap.models.resnet import ORDERINGS, build_resnet
     from idmap.rundir import write_figure
-    from idmap.runtime import resolve_device
+    from idmap.train.runtime import resolve_device
 
     count = cli.number(int, 1, strict=False)
     p = cli.ArgumentParser(description="Activation and gradient norms per residual unit, several nets side by side (eqs. 4-5).")

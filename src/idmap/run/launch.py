@@ -1,6 +1,6 @@
 """The edge where runs start: the Hydra task (exit codes) and process groups (spawned, torchrun,
 SLURM tasks), GPU pinning. Below this module everything takes a plain config; resuming by
-directory is resume.py's, sweep bookkeeping sweep.py's."""
+directory is resume.py's, sweep bookkeeping sweep_status.py's."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError, bad_input, one_line
 from idmap.config import check_config
-from idmap.resume import already_done, composable, quoted
+from idmap.run.resume import already_done, composable, quoted
 from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, Status, RunInUse, check_contained, checkpoint_path,
                           has_lock_file, lock_run_dir, read_summary, results_held, unlock_run_dir,
                           write_hydra_record)
-from idmap.runtime import Interrupted, resolve_device
-from idmap.state import RunExists
-from idmap.sweep import note_failed_resume, record_failure, sweep_progress
-from idmap.trainer import train
+from idmap.train.runtime import Interrupted, resolve_device
+from idmap.train.state import RunExists
+from idmap.run.sweep_status import note_failed_resume, record_failure, sweep_progress
+from idmap.train.trainer import train
 
 log = logging.getLogger("idmap")
 
@@ -122,7 +122,7 @@ def _spawn(cfg: DictConfig, run_dir: Path, choices: dict, on_start=None) -> dict
 
     import torch.multiprocessing as mp
 
-    from idmap.data import load_dataset
+    from idmap.train.data import load_dataset
 
     world_size = cfg.trainer.world_size
     check_config(cfg)  # a bad value is one line here, not a traceback from every child process
@@ -153,7 +153,7 @@ def _in_group(cfg: DictConfig, run_dir: Path, choices: dict, group: tuple[int, i
     _start_group(cfg.trainer.device, rank, local_rank, world_size, "env://")
     try:
         if local_rank == 0:  # one process per node fetches (or decodes and caches) the data
-            from idmap.data import load_dataset
+            from idmap.train.data import load_dataset
 
             load_dataset(cfg.dataset)
         dist.barrier()
@@ -306,7 +306,7 @@ def main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from idmap.gpus import pin_job_to_gpu
+    from idmap.run.gpu_pool import pin_job_to_gpu
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -334,7 +334,7 @@ def main(cfg: DictConfig) -> dict | None:
             return summary
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
         if multirun:
-            sweep_progress(hc, summary)  # a diverged job is counted at the sweep's end (sweep.py)
+            sweep_progress(hc, summary)  # a diverged job is counted at the sweep's end (sweep_status.py)
         elif summary["status"] != Status.COMPLETED:  # ran, but no result: 1, as for any failed run
             print(f"error: {run_dir} {summary['status']}: {summary.get('error')}; it has no result",
                   file=sys.stderr)

@@ -130,8 +130,8 @@ def time_step(cfg, iters: int = 20, warmup: int = 5) -> tuple[float, str]:
     machine, after `warmup` steps that are not counted."""
     import torch
 
-    from idmap import trainer
-    from idmap.runtime import configure, resolve_device
+    from idmap.train import trainer
+    from idmap.train.runtime import configure, resolve_device
 
     cfg = timing_config(cfg)
     device = resolve_device(cfg.trainer.device)

@@ -11,7 +11,7 @@ what is measured and what each setting changes.
 The classic loop is the textbook one: torchvision transforms on PIL images in DataLoader workers,
 eager, at PyTorch's default numerics (cuDNN convolutions in TF32 where the GPU has it), `.item()`
 every step: the baseline of every speed-up. On a GPU a strict-fp32 classic row stands beside it.
-The project's rows call idmap.trainer.train itself, so they time exactly the code a training run
+The project's rows call idmap.train.trainer.train itself, so they time exactly the code a training run
 executes; the ghost-BN rows set the one-pass ghost batch norm against the chunked one it replaced.
 """
 
@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from idmap import data as datamod
+from idmap.train import data as datamod
 from idmap.config import compose_config
-from idmap.models import build_resnet, model_kwargs
-from idmap.norm import to_chunked
+from idmap.models.resnet import build_resnet, model_kwargs
+from idmap.models.norm import to_chunked
 from idmap.paths import CONF
 from idmap.rundir import Status, read_metrics
-from idmap.runtime import Interrupted, device_name, set_tf32
-from idmap.trainer import PAD, learning_rate, train
+from idmap.train.runtime import Interrupted, device_name, set_tf32
+from idmap.train.trainer import PAD, learning_rate, train
 
 PAPER_ITERS = 64_000
 
@@ -50,7 +50,7 @@ class Setting:
     overrides: tuple[str, ...]
     cuda_only: str = ""  # why the setting is skipped on a CPU unless named in --settings
     min_depth: int = 0  # skipped below this depth unless named in --settings
-    chunked_bn: bool = False  # ghost BN as one BN call per chunk (idmap.norm.to_chunked)
+    chunked_bn: bool = False  # ghost BN as one BN call per chunk (idmap.models.norm.to_chunked)
 
 
 _CL = ("trainer.channels_last=true",)
@@ -191,10 +191,10 @@ def classic(cfg, args, device: torch.device, strict_fp32: bool = False) -> tuple
 # (2) This project's trainer
 # --------------------------------------------------------------------------------------------------
 def project(cfg, args, device: torch.device, chunked_bn: bool = False) -> tuple[float, float | None]:
-    """images/s and peak MiB of idmap.trainer.train itself. The first evaluation, after the warm-up,
+    """images/s and peak MiB of idmap.train.trainer.train itself. The first evaluation, after the warm-up,
     starts the timed window (compile and autotuning fall before it); every later metrics entry is
     part of it, combined as total images over total seconds. `chunked_bn`: the trainer's nets get
-    the chunked ghost BN (idmap.norm.to_chunked), the reference the one-pass version is timed against."""
+    the chunked ghost BN (idmap.models.norm.to_chunked), the reference the one-pass version is timed against."""
     with tempfile.TemporaryDirectory(prefix="idmap-bench-") as run_dir, _chunked_ghost_bn(chunked_bn):
         summary = train(cfg, run_dir)
         metrics = read_metrics(run_dir)
@@ -215,7 +215,7 @@ def steady_rate(metrics: list[dict], batch: int) -> float:
 def _chunked_ghost_bn(enabled: bool):
     """While enabled, the nets the trainer builds have the chunked ghost BN: the trainer's own
     code runs, only the BN modules differ."""
-    import idmap.trainer as trainer
+    import idmap.train.trainer as trainer
 
     build = trainer.build_resnet
     if enabled:

@@ -21,14 +21,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from idmap import IdmapError, data as datamod
+from idmap import IdmapError
+from idmap.train import data as datamod
 from idmap.config import Role, check_config, check_schedule, keys, schedule
-from idmap.evaluation import evaluate
-from idmap.models import build_resnet, count_parameters, model_kwargs
-from idmap.rundir import CHECKPOINT, RunLog, Status, git_commit
-from idmap.runtime import (COMPILE_MODES, SGD_IMPLS, Interrupted, StopFlag, autocast, configure, device_name,
+from idmap.train.evaluation import evaluate
+from idmap.models.resnet import build_resnet, count_parameters, model_kwargs
+from idmap.rundir import CHECKPOINT, Status, git_commit
+from idmap.train.runlog import RunLog
+from idmap.train.runtime import (COMPILE_MODES, SGD_IMPLS, Interrupted, StopFlag, autocast, configure, device_name,
                            memory_format, resolve_device)
-from idmap.state import BatchStream, RunExists, TrainState
+from idmap.train.state import BatchStream, RunExists, TrainState
 
 log = logging.getLogger("idmap")
 
@@ -186,7 +188,7 @@ class Loop:
                 lr = self.step(it)
                 done = state.iteration = it + 1
                 if t.signal_every and self.rank0 and done % t.signal_every == 0:
-                    from idmap.signals import log_signals
+                    from idmap.analysis.signals import log_signals
 
                     log_signals(self.runlog.writer, state.model, *self.signal_batch, done)
                 # A single process reacts to a signal at once; several agree at the next log

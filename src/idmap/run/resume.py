@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from idmap import IdmapError
 from idmap.rundir import (MULTIRUN, Status, check_contained, hydra_config_path, hydra_overrides_path, override_key,
                           read_hydra_config, read_overrides, read_summary, read_sweep_plan, run_dirs)
-from idmap.state import settings_changed
+from idmap.train.state import settings_changed
 
 
 def resume_argv(argv: list[str]) -> list[str]:

@@ -23,7 +23,7 @@ class Run:
     max_iters: Optional[int]
     seed: Optional[int]
     notes: List[str] = field(default_factory=list)  # choices that disagree with the built model
-    # What the run recorded in .hydra/: its command-line overrides and composed config (sweeps.py).
+    # What the run recorded in .hydra/: its command-line overrides and composed config (sweep_table.py).
     overrides: List[str] = field(default_factory=list)
     config: Any = None
 
@@ -43,13 +43,13 @@ def _is_number(x) -> bool:
 
 def depth_option(depth: int, unit: str, configured_unit: Optional[str] = None) -> str:
     """The conf/depth option that builds `depth` layers of `unit` units: "110" where the unit is
-    the paper's for that depth (idmap.models.auto_unit), "110_1layer" for 1-layer units. Any other
+    the paper's for that depth (idmap.models.resnet.auto_unit), "110_1layer" for 1-layer units. Any other
     network gets a name no option has, e.g. "110_bottleneck", so that it is in no paper row."""
     if unit == "single":
         return f"{depth}_1layer"
     if configured_unit == "auto":  # the paper's unit by definition
         return str(depth)
-    from idmap.models import auto_unit  # here: it imports torch (seconds), rarely needed
+    from idmap.models.resnet import auto_unit  # here: it imports torch (seconds), rarely needed
 
     return str(depth) if unit == auto_unit(depth) else f"{depth}_{unit}"
 

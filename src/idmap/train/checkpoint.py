@@ -67,7 +67,7 @@ def fits(path: str | Path):
 
 def model_from_state(state: dict, path: str | Path = "the checkpoint") -> torch.nn.Module:
     """A checkpoint's model, rebuilt from its config and loaded with its weights (on the CPU)."""
-    from idmap.models import build_resnet, model_kwargs
+    from idmap.models.resnet import build_resnet, model_kwargs
 
     with fits(path):
         model = build_resnet(**model_kwargs(state["config"], state["num_classes"]))

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from idmap.gpu_check_sizes import FAST, NO_CUDA, PACKED, QUIET, train_overrides
+from idmap.perf.gpu_check_sizes import FAST, NO_CUDA, PACKED, QUIET, train_overrides
 # The clone whose train.py, scripts/ and tests/ the check runs (gpu_check refuses an installed copy).
 from idmap.paths import REPO as ROOT
 from idmap.rundir import Status, has_metrics, read_metrics, read_summary
