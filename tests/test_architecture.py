@@ -120,3 +120,11 @@ def test_build_resnet_is_where_other_tools_import_it():
     from idmap import models
 
     assert models.build_resnet is models.resnet.build_resnet
+
+
+def test_docs_architecture_is_the_map_of_every_module():
+    text = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    named = set(re.findall(r"`((?:[a-z]+/)?[a-z_]+\.py)`", text))
+    modules = {str(p.relative_to(SRC)) for p in MODULES if p.name != "__init__.py"}
+    assert modules - named == set()
+    assert {n for n in named if "/" in n} - modules == set()  # no module the map names is gone
