@@ -76,7 +76,7 @@ def test_the_exit_codes_of_every_script_come_from_one_place():
 def test_an_internal_error_is_one_line_with_exit_1_and_debug_shows_the_traceback(tmp_path):
     # A checkpoint whose model cannot be built is the program's fault here, not the user's: the
     # evaluate command's internals are patched to fail like a bug would.
-    code = ("import sys; from idmap import evaluation, cli; "
+    code = ("import sys; from idmap import cli; from idmap.train import evaluation; "
             "evaluation.evaluate_checkpoint = lambda *a, **k: 1 / 0; "
             "sys.exit(cli.evaluate(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
