@@ -128,3 +128,14 @@ def test_docs_architecture_is_the_map_of_every_module():
     modules = {str(p.relative_to(SRC)) for p in MODULES if p.name != "__init__.py"}
     assert modules - named == set()
     assert {n for n in named if "/" in n} - modules == set()  # no module the map names is gone
+
+
+def test_one_input_pipeline_turns_images_into_what_the_model_reads():
+    # The trainer, evaluation and the landscape all read images through train/inputs.py; the
+    # evaluate command picks which training set's statistics to use (the run's), nothing more.
+    # bench.py's classic loop is the torchvision pipeline it measures against, on purpose.
+    uses = {str(p.relative_to(SRC)) for p in MODULES if p.name != "data.py"
+            and re.search(r"\b(model_input|normalize|crop_flip|draw_crop_flip)\(", p.read_text())}
+    assert uses == {"train/inputs.py"}
+    stats = {str(p.relative_to(SRC)) for p in MODULES if p.name != "data.py" and "normalization(" in p.read_text()}
+    assert stats == {"train/inputs.py", "train/evaluation.py", "perf/bench.py"}

@@ -19,7 +19,7 @@ from idmap.train.checkpoint import load_checkpoint, save_checkpoint
 from idmap.models.resnet import build_resnet
 from idmap.rundir import CHECKPOINT, METRICS
 from idmap.train.state import BatchStream, RunExists, TrainState
-from idmap.train.trainer import DeviceData, build, train
+from idmap.train.trainer import build, run_inputs, train
 
 SHORT = [*TINY, "trainer.max_iters=20", "trainer.eval_every=20", "trainer.checkpoint_every=20"]
 
@@ -66,7 +66,7 @@ def test_resume_onto_a_device_restores_the_rng_states_as_cpu_byte_tensors(checkp
 
 def test_a_run_on_another_device_draws_the_same_data_order_from_a_cpu_generator(checkpointed):
     _, cfg = checkpointed
-    data = DeviceData(cfg, torch.device("cpu"), cfg.trainer.batch_size)
+    data = run_inputs(cfg, torch.device("cpu"), cfg.trainer.batch_size)
     on_cpu, _ = build(cfg, data, torch.device("cpu"), 1)
     elsewhere, _ = build(cfg, data, torch.device("meta"), 1)  # stands in for CUDA
     assert elsewhere.stream.g.device.type == "cpu"

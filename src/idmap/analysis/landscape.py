@@ -78,18 +78,13 @@ def loss_surface(model, x, y, directions, alphas, betas, batch: int = 512, progr
 
 
 def training_images(cfg: dict, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random subset of `samples` training images of a run's data set (the same for every
-    call), normalised as the run normalised them, without augmentation. Random, not the first N:
-    image folders list their images class by class."""
+    """A fixed random subset of `samples` training images of a run's data set, as the run's model
+    read them (train.inputs, the trainer's pipeline), without augmentation; on the CPU."""
     from omegaconf import OmegaConf
 
-    from idmap.train.data import load_dataset, normalization, normalize
+    from idmap.train.inputs import Inputs
 
-    ds_cfg = OmegaConf.create(cfg).dataset
-    data = load_dataset(ds_cfg)
-    mean, std = normalization(data.train_x, ds_cfg.normalization)
-    pick = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:samples]
-    return normalize(data.train_x[pick], mean, std), data.train_y[pick]
+    return Inputs.of_run(OmegaConf.create(cfg).dataset, torch.device("cpu")).training_subset(samples)
 
 
 def compute_landscape(path, points: int = 21, extent: float = 1.0, samples: int = 2048, batch: int = 512,

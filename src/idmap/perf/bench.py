@@ -39,7 +39,8 @@ from idmap.models.norm import to_chunked
 from idmap.paths import CONF
 from idmap.rundir import Status, read_metrics
 from idmap.train.runtime import Interrupted, device_name, set_tf32
-from idmap.train.trainer import PAD, learning_rate, train
+from idmap.train.inputs import PAD
+from idmap.train.trainer import learning_rate, train
 
 PAPER_ITERS = 64_000
 

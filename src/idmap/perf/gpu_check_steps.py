@@ -258,12 +258,12 @@ def ghost_bn(ctx) -> None:
 # --------------------------------------------------------------------------------------------------
 def fused(ctx) -> None:
     from idmap.train.runtime import configure
-    from idmap.train.trainer import DeviceData
+    from idmap.train.trainer import run_inputs
 
     s, device = ctx.sizes, _device(ctx)
     cfg = compose_config(*train_overrides(s, 1, 1), *s.resnet20, *PACKED)  # as the packing runs
     configure(cfg.trainer, cfg.seed)  # the trainer's flags: cuDNN autotuning, TF32 as the precision says
-    data = DeviceData(cfg, device, s.batch)
+    data = run_inputs(cfg, device, s.batch)
     rates = {}
     for n in s.fused_nets:
         if ctx.left() < 5:

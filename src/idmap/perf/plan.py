@@ -136,7 +136,7 @@ def time_step(cfg, iters: int = 20, warmup: int = 5) -> tuple[float, str]:
     cfg = timing_config(cfg)
     device = resolve_device(cfg.trainer.device)
     configure(cfg.trainer, cfg.seed)
-    data = trainer.DeviceData(cfg, device, cfg.trainer.batch_size)
+    data = trainer.run_inputs(cfg, device, cfg.trainer.batch_size)
     state, model = trainer.build(cfg, data, device, 1)
     with tempfile.TemporaryDirectory() as run_dir:
         loop = trainer.Loop(cfg, Path(run_dir), state, model, data, 0, 1)

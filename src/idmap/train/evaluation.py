@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import json
 import logging
 import re
@@ -24,9 +23,9 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from idmap import IdmapError, cli
 from idmap.train.checkpoint import fits, load_checkpoint, model_from_state
-from idmap.paths import CONF
 from idmap.rundir import checkpoint_path, write_files
-from idmap.train.runtime import autocast, memory_format, resolve_device, set_tf32
+from idmap.train.inputs import Inputs
+from idmap.train.runtime import autocast, resolve_device, set_tf32
 
 
 @dataclass
@@ -86,7 +85,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 # `scripts/evaluate.py`: a checkpoint on its own test set or on another one with the same classes.
 # --------------------------------------------------------------------------------------------------
 RUN_STATS, EVAL_STATS = "run's training set", "evaluation set's training set"
-_CONF_DATASETS = CONF / "dataset"
 # Fields that do not change which images a data set holds (what "the run's own data" means).
 _NOT_DATA = ("label", "augment", "normalization")
 
@@ -99,11 +97,14 @@ def _schema(*nodes) -> DictConfig:
 
 
 def _group(name: str) -> DictConfig:
-    path = _CONF_DATASETS / f"{name}.yaml"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in _CONF_DATASETS.glob("*.yaml")))
-        raise IdmapError(f"no data set config dataset={name}; choose one of {names}")
-    return OmegaConf.load(path)
+    """The data set `dataset=NAME` gives train.py: conf/dataset/NAME.yaml over the schema's
+    defaults, composed as train.py composes it."""
+    from idmap.config import compose_config, one_line_message
+
+    try:
+        return compose_config(f"dataset={name}").dataset
+    except Exception as exc:  # an option Hydra does not have: one line with the options
+        raise IdmapError(f"dataset={name}: {one_line_message(exc)}") from None
 
 
 def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -227,8 +228,6 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), data_di
     """A run directory's or checkpoint file's model on the test split of its data set (or of the one
     `overrides`/`data_dir` name), evaluated as the trainer evaluates it: same `evaluate`, same input
     normalisation, the run's precision and memory format. Returns what `write_evaluation` records."""
-    from idmap.train import data as datamod
-
     ckpt = checkpoint_path(Path(path))
     dev = resolve_device(device)
     state = load_checkpoint(ckpt)  # IdmapError when missing or unreadable
@@ -245,11 +244,10 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), data_di
     # The run's matmul/convolution precision, as runtime.configure sets it; not its deterministic
     # mode, which would refuse the confusion matrix's bincount on CUDA.
     set_tf32(precision)
-    fmt = memory_format(channels_last)
-    model = _model(state).to(dev).to(memory_format=fmt)
-    prepare = functools.partial(datamod.model_input, mean=inputs.mean.to(dev), std=inputs.std.to(dev),
-                                memory_format=fmt)  # as the trainer's DeviceData.prepare
-    result = evaluate(model, data.test_x.to(dev), data.test_y.to(dev), batch_size, prepare,
+    # The trainer's pipeline: the test split on the device, read as the run read it.
+    on_device = Inputs(data, inputs.mean, inputs.std, dev, channels_last, train=False)
+    model = _model(state).to(dev).to(memory_format=on_device.format)
+    result = evaluate(model, on_device.test_x, on_device.test_y, batch_size, on_device.prepare,
                       autocast(precision, dev), num_classes=k)
     confusion = result.confusion.cpu()
     return {

@@ -22,19 +22,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.train import data as datamod
 from idmap.config import Role, check_config, check_schedule, keys, schedule
 from idmap.train.evaluation import evaluate
+from idmap.train.inputs import Inputs
 from idmap.models.resnet import build_resnet, count_parameters, model_kwargs
 from idmap.rundir import CHECKPOINT, Status, git_commit
 from idmap.train.runlog import RunLog
 from idmap.train.runtime import (COMPILE_MODES, SGD_IMPLS, Interrupted, StopFlag, autocast, configure, device_name,
-                           memory_format, resolve_device)
+                           resolve_device)
 from idmap.train.state import BatchStream, RunExists, TrainState
 
 log = logging.getLogger("idmap")
 
-PAD = 4  # the paper's 4-pixel zero padding before a random 32x32 crop
 
 
 def learning_rate(it: int, optim: Any, milestones: list[int]) -> float:
@@ -44,42 +43,17 @@ def learning_rate(it: int, optim: Any, milestones: list[int]) -> float:
     return optim.lr * optim.gamma ** sum(it >= m for m in milestones)
 
 
-class DeviceData:
-    """The data set on the device as uint8, and the paper's batches made from it."""
-
-    def __init__(self, cfg: DictConfig, device: torch.device, batch_size: int):
-        ds = datamod.load_dataset(cfg.dataset)
-        if batch_size > len(ds.train_y):
-            raise IdmapError(f"trainer.batch_size {batch_size} is larger than the training set "
-                             f"({len(ds.train_y)} images)")
-        self.info, self.augment = ds, cfg.dataset.augment
-        self.format = memory_format(cfg.trainer.channels_last)
-        self.mean, self.std = (v.to(device) for v in datamod.normalization(ds.train_x, cfg.dataset.normalization))
-        self.train_x, self.train_y = ds.train_x.to(device), ds.train_y.to(device)
-        self.test_x, self.test_y = ds.test_x.to(device), ds.test_y.to(device)
-
-    def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 images -> the model's normalised float input."""
-        return datamod.model_input(x, self.mean, self.std, self.format)
-
-    def batch(self, stream: BatchStream, size: int, local: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's slice of the next global batch. The data order and the crop/flip draws
-        come from the stream's CPU generator, the same on every device, and reach the device as one
-        small tensor per step (pinned, so the copy does not wait for the host)."""
-        idx = stream.next(size)
-        dy, dx, flip = datamod.draw_crop_flip(size, stream.g, PAD)
-        drawn = torch.stack([idx, dy, dx, flip.long()])[:, local]
-        device = self.train_y.device
-        if device.type == "cuda":
-            drawn = drawn.pin_memory()
-        idx, dy, dx, flip = drawn.to(device, non_blocking=True)
-        x = datamod.normalize(self.train_x[idx], self.mean, self.std)
-        if self.augment:
-            x = datamod.crop_flip(x, dy, dx, flip, PAD)
-        return x.contiguous(memory_format=self.format), self.train_y[idx]
+def run_inputs(cfg: DictConfig, device: torch.device, batch_size: int) -> Inputs:
+    """The run's data on the device (train.inputs: the one pipeline), refused when one batch would
+    be more than the training set."""
+    data = Inputs.of_run(cfg.dataset, device, cfg.trainer.channels_last)
+    if batch_size > len(data.train_y):
+        raise IdmapError(f"trainer.batch_size {batch_size} is larger than the training set "
+                         f"({len(data.train_y)} images)")
+    return data
 
 
-def build(cfg: DictConfig, data: DeviceData, device: torch.device, world_size: int):
+def build(cfg: DictConfig, data: Inputs, device: torch.device, world_size: int):
     """The run's fresh state and the model to call in the loop (the state's model, maybe wrapped)."""
     t, o = cfg.trainer, cfg.optim
     try:
@@ -120,7 +94,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     configure(cfg.trainer, cfg.seed)
     if device.type == "cuda":  # the summary's peak memory is this run's, not the process's
         torch.cuda.reset_peak_memory_stats(device)
-    data = DeviceData(cfg, device, cfg.trainer.batch_size)
+    data = run_inputs(cfg, device, cfg.trainer.batch_size)
     check_schedule(cfg, len(data.train_y))
     state, model = build(cfg, data, device, world_size)
     state.resume_from(run_dir / CHECKPOINT, cfg.trainer.resume, rank)
@@ -154,7 +128,7 @@ class Loop:
     """The paper's protocol as a loop: draw a batch, set the LR, take an SGD step; every log
     interval one host sync (divergence and stop requests), every eval interval an evaluation."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, state: TrainState, model, data: DeviceData,
+    def __init__(self, cfg: DictConfig, run_dir: Path, state: TrainState, model, data: Inputs,
                  rank: int, world_size: int):
         t = cfg.trainer
         self.cfg, self.t, self.state, self.model, self.data = cfg, t, state, model, data
