@@ -7,6 +7,7 @@ import importlib.util
 
 import pytest
 
+from idmap import cli
 from idmap.analysis import curves
 from test_report import ROOT, TABLE2_ORIGINAL_110, built_model, fake_run, table1
 
@@ -67,7 +68,7 @@ def test_plot_curves_by_table_row_draws_median_and_band(tmp_path, capsys):
     iterations, values = plot_curves.seed_band(rows[0], "test_error")
     assert values.shape == (3, len(iterations))
     assert values[:, -1] == pytest.approx([f + 30 / 21 for f in (7.0, 7.4, 6.8)])
-    assert plot_curves.main([str(tmp_path / "fake_missing_dir"), "--table", "table2"]) == 2
+    assert cli.curves([str(tmp_path / "fake_missing_dir"), "--table", "table2"]) == 2  # the command
 
 
 def test_curves_are_labelled_by_the_model_built(tmp_path, capsys):

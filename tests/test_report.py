@@ -14,7 +14,8 @@ import pytest
 
 from idmap.analysis.lines import Line
 from idmap.analysis.paper import FAIL, TABLES, baseline_rows
-from idmap.analysis.report import baseline_name, group, main
+from idmap.analysis.report import baseline_name, group
+from idmap.cli import report as main  # report.main with the exit codes of the command
 from idmap.analysis.run_records import depth_option, load_runs
 
 ROOT = Path(__file__).resolve().parents[1]

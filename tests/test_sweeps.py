@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY
-from idmap.analysis.report import main
+from idmap.cli import report as main  # report.main with the exit codes of the command
 from idmap.analysis.run_records import load_runs
 from idmap.analysis.sweep_table import default_keys, parse_setting, sweep
 

@@ -1,6 +1,7 @@
 """idmap: every residual unit of 'Identity Mappings in Deep Residual Networks', trained as the paper."""
 
 import errno
+import sys
 
 __version__ = "0.1.0"
 
@@ -28,3 +29,14 @@ def bad_input(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in BAD_PLACE:
         return (f"{exc.filename}: " if exc.filename else "") + (exc.strerror or str(exc))
     return None
+
+
+def report_failure(exc: BaseException, more: str) -> int:
+    """Prints the one line that reports `exc` and returns the exit code every entry point gives it:
+    2 for bad input, 1 for an internal error (`more`: where its details are)."""
+    line = bad_input(exc)
+    if line is not None:
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    print(f"internal error: {one_line(exc)} ({more})", file=sys.stderr)
+    return 1

@@ -11,7 +11,7 @@ import math
 import sys
 from typing import Callable, Sequence
 
-from idmap import IdmapError, bad_input, one_line
+from idmap import IdmapError, report_failure
 
 
 def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
@@ -26,12 +26,7 @@ def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str] | N
     except Exception as exc:
         if debug:
             raise
-        line = bad_input(exc)
-        if line is not None:
-            print(f"error: {line}", file=sys.stderr)
-            return 2
-        print(f"internal error: {one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
-        return 1
+        return report_failure(exc, "--debug shows the traceback")
 
 
 class ArgumentParser(argparse.ArgumentParser):

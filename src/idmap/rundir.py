@@ -289,7 +289,7 @@ def run_dirs(dirs: Iterable[Path]) -> Iterator[Path]:
     for d in dirs:
         d = Path(d)
         if not d.is_dir():
-            raise FileNotFoundError(f"not a directory: {d}")
+            raise IdmapError(f"not a directory: {d}; give run or sweep directories")
         candidates = {d} | {p.parent for name in _MARKERS for p in d.rglob(name)}
         yield from sorted(c for c in candidates if is_run_dir(c))
 

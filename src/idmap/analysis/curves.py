@@ -181,16 +181,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "as the report's sweep table (default keys: the overrides that differ)")
     args = parser.parse_args(argv)
     rows = bool(args.table) or args.by is not None
-    try:
-        if args.table:
-            curves, labels = collect_rows(args.dirs, args.table)
-        elif args.by is not None:
-            curves, labels = collect_settings(args.dirs, [k for k in args.by.split(",") if k])
-        else:
-            curves, labels = collect(args.dirs)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.table:  # a folder that is none: an IdmapError, exit 2 (cli.run_command)
+        curves, labels = collect_rows(args.dirs, args.table)
+    elif args.by is not None:
+        curves, labels = collect_settings(args.dirs, [k for k in args.by.split(",") if k])
+    else:
+        curves, labels = collect(args.dirs)
     if not curves:
         print(f"error: no {rundir.METRICS} with evaluations under the given directories"
               + (f" in a row of {args.table}" if args.table else ""), file=sys.stderr)

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from idmap import IdmapError, cli
+from idmap import cli
 from idmap.analysis import stats
 from idmap.analysis.lines import (MIN_GAP, SETTING_COLUMNS, STAT_COLUMNS, STAT_NOTE, Line, iters_text, paper_pairs, pp,
                          setting_cells, stat_cells)
@@ -200,12 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "would decide it")
     parser.add_argument("--next", action="store_true",
                         help="print the train.py -m commands that add those seeds to a sweep")
-    args = parser.parse_args(argv)
-    try:
-        return _report(args)
-    except (FileNotFoundError, IdmapError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return _report(parser.parse_args(argv))  # bad input: an IdmapError, exit 2 (cli.run_command)
 
 
 def _report(args) -> int:

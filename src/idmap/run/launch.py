@@ -17,14 +17,14 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from idmap import IdmapError, bad_input, one_line
+from idmap import IdmapError, report_failure
 from idmap.config import check_config
 from idmap.run.resume import already_done, composable, quoted
 from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, Status, RunInUse, check_contained, checkpoint_path,
                           has_lock_file, lock_run_dir, read_summary, results_held, unlock_run_dir,
                           write_hydra_record)
 from idmap.train.runtime import Interrupted, resolve_device
-from idmap.train.state import RunExists
+from idmap.train.state import RunExists, refuse_checkpoint_without_resume
 from idmap.run.sweep_status import note_failed_resume, record_failure, sweep_progress
 from idmap.train.trainer import train
 
@@ -232,9 +232,7 @@ def claim(run_dir: Path, resume: bool) -> bool:
 def _refuse_overwrite(run_dir: Path, resume: bool) -> None:
     if checkpoint_path(run_dir).is_file():
         if not resume:
-            raise RunExists(f"{run_dir} already holds a checkpoint; continue it with trainer.resume={run_dir} "
-                            f"(or trainer.resume=true and the same hydra.run.dir), or choose another "
-                            f"run directory")
+            refuse_checkpoint_without_resume(run_dir)
         return
     held = results_held(run_dir) if Path(run_dir).is_dir() else None
     if held:
@@ -318,6 +316,7 @@ def main(cfg: DictConfig) -> dict | None:
     if multirun:
         cfg.trainer.progress = False
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    reports = not int(os.environ.get("RANK", 0))  # one process of a group: rank 0 reports the run
     try:
         # A sweep's job, or a run started from Python: before anything is written, a GPU is pinned
         # or processes are spawned.
@@ -330,7 +329,7 @@ def main(cfg: DictConfig) -> dict | None:
             if device is not None:
                 cfg.trainer.device = device
             summary = run(cfg, run_dir, on_start=record)
-        if int(os.environ.get("RANK", 0)):  # one process of a group: rank 0 reports the run
+        if not reports:
             return summary
         log.info("%s: final test error %s%%", summary["status"], summary["final_test_error"])
         if multirun:
@@ -341,7 +340,7 @@ def main(cfg: DictConfig) -> dict | None:
             sys.exit(1)
         return summary
     except Interrupted as exc:
-        if int(os.environ.get("RANK", 0)):  # rank 0 reports it and hands the signal to submitit
+        if not reports:  # rank 0 reports it and hands the signal to submitit
             return None
         log.warning("%s; continue with trainer.resume=%s (or the same settings, trainer.resume=true "
                     "hydra.run.dir=%s)", exc, run_dir, run_dir)
@@ -363,10 +362,4 @@ def main(cfg: DictConfig) -> dict | None:
                       "the run is left as it was" if refused else f"details in {run_dir / SUMMARY}")
             sweep_progress(hc, {"status": Status.REFUSED if refused else Status.FAILED, "final_test_error": None})
             return None
-        line = bad_input(exc)
-        if line is not None:
-            print(f"error: {line}", file=sys.stderr)
-            sys.exit(2)
-        print(f"internal error: {one_line(exc)} (details in {run_dir / SUMMARY}; HYDRA_FULL_ERROR=1 "
-              f"shows the traceback)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(report_failure(exc, f"details in {run_dir / SUMMARY}; HYDRA_FULL_ERROR=1 shows the traceback"))

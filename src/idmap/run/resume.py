@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from idmap import IdmapError
 from idmap.rundir import (MULTIRUN, Status, check_contained, hydra_config_path, hydra_overrides_path, override_key,
                           read_hydra_config, read_overrides, read_summary, read_sweep_plan, run_dirs)
-from idmap.train.state import settings_changed
+from idmap.train.state import refuse_other_settings
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -128,10 +128,7 @@ def _refuse_other_settings(run_dir: Path, overrides: list[str]) -> dict:
 
     saved = read_hydra_config(run_dir)
     new = OmegaConf.to_container(compose_checked(*overrides), resolve=False)
-    changed = settings_changed(saved, new)
-    if changed:
-        raise IdmapError(f"{run_dir} was run with other settings ({'; '.join(changed)}); only how it "
-                         f"runs may change on resuming (e.g. trainer.max_iters)")
+    refuse_other_settings(run_dir, saved, new)
     return new
 
 

@@ -20,6 +20,22 @@ class RunExists(IdmapError):
     """The run directory holds another run: refused before anything in it is touched."""
 
 
+# The two refusals of a start or resume, in one wording wherever they are made: before Hydra writes
+# (run.launch, run.resume) and where the checkpoint is read (TrainState.resume_from).
+def refuse_checkpoint_without_resume(run_dir: Path) -> None:
+    raise RunExists(f"{run_dir} already holds a checkpoint; continue it with trainer.resume={run_dir} "
+                    f"(or trainer.resume=true and the same hydra.run.dir), or choose another run directory")
+
+
+def refuse_other_settings(what, old: dict, new: dict) -> None:
+    """RunExists when `new` changes a setting that changes what the run `what` computes."""
+    changed = settings_changed(old, new)
+    if changed:
+        raise RunExists(f"{what} was run with other settings ({'; '.join(changed)}); only how it runs may "
+                        f"change on resuming (e.g. trainer.max_iters): resume with the run's own settings "
+                        f"(summary.json's 'config') or choose another run directory")
+
+
 class BatchStream:
     """Shuffled passes over the data set, back to back. Every batch is full (static shapes for
     compile and CUDA graphs) and every image is seen once per epoch: a batch that crosses an epoch
@@ -144,20 +160,12 @@ class TrainState:
                 log.info("trainer.resume is set but %s has no checkpoint: starting afresh", path.parent)
             return
         if not resume:
-            raise RunExists(
-                f"{path.parent} already holds a checkpoint; continue it with trainer.resume=true "
-                f"(and the same hydra.run.dir), or choose another run directory"
-            )
+            refuse_checkpoint_without_resume(path.parent)
         # Read onto the CPU: loading copies weights, optimizer state and sums to the run's device.
         state = load_checkpoint(path)
         with fits(path):  # a checkpoint that lacks a key is one line naming the file
-            changed = settings_changed(state["config"], self.config)
+            refuse_other_settings(path, state["config"], self.config)
             restorable = BatchStream.restorable(state["stream"])
-        if changed:
-            raise RunExists(
-                f"{path} was trained with other settings ({'; '.join(changed)}); resume with the "
-                f"run's own settings (summary.json's 'config') or choose another run directory"
-            )
         if not restorable:
             raise RunExists(
                 f"{path} holds a data order drawn on a GPU by an older idmap, which this one (drawing "
