@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional, TypedDict
 
 from idmap import IdmapError
 from idmap.paths import REPO
@@ -51,6 +51,45 @@ class Status(str, Enum):
         return self.value
 
     __format__ = str.__format__
+
+
+class Summary(TypedDict, total=False):
+    """summary.json: what every writer may set (train.trainer.new_summary at the start, the loop at
+    the end, mark_failed and the sweep's records after a failure). write_summary and update_summary
+    refuse any other key, so a reader knows every key there is."""
+
+    status: Status
+    final_test_error: Optional[float]  # %, at the last evaluation; None when diverged or unfinished
+    best_test_error: Optional[float]
+    final_train_error: Optional[float]
+    iterations: int  # trained so far
+    max_iters: int  # the run's length
+    params: int
+    wall_time_s: float  # training time, evaluations and checkpoints aside
+    images_per_sec: Optional[float]
+    peak_memory_mb: Optional[float]
+    device: str
+    device_name: str  # the CPU's model and threads too
+    torch_version: str
+    git_commit: Optional[str]
+    seed: int
+    dataset: dict  # {name, label}
+    choices: dict  # Hydra's group choices
+    model: dict  # as built: depth, unit, block, downsample
+    shortcut: dict
+    tags: dict
+    config: dict  # the resolved run config
+    error: Optional[str]  # why it diverged or failed
+    traceback: str  # a failure's, for the developer
+    failed_resume: str  # a completed job a resumed sweep could not continue (run.sweep_status)
+    ended: str  # ISO time
+
+
+def _known(fields: dict) -> dict:
+    unknown = sorted(set(fields) - set(Summary.__annotations__))
+    if unknown:  # a programming error: every key is declared in Summary
+        raise ValueError(f"summary.json has no key {unknown[0]!r} (rundir.Summary)")
+    return fields
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -106,18 +145,18 @@ def write_metrics(run_dir: Path, metrics: list[dict]) -> None:
     atomic_write(Path(run_dir) / METRICS, lambda f: f.writelines(json.dumps(m) + "\n" for m in metrics), mode="w")
 
 
-def write_summary(run_dir: Path, summary: dict) -> None:
-    write_json(Path(run_dir) / SUMMARY, summary)
+def write_summary(run_dir: Path, summary: Summary) -> None:
+    write_json(Path(run_dir) / SUMMARY, _known(summary))
 
 
 def update_summary(run_dir: Path, **fields) -> None:
-    """Sets `fields` in summary.json, keeping what an unreadable or absent one cannot give."""
+    """Sets `fields` (Summary's keys) in summary.json, keeping what an unreadable or absent one cannot give."""
     path = Path(run_dir) / SUMMARY
     try:
         summary = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
         summary = {}
-    write_json(path, {**(summary if isinstance(summary, dict) else {}), **fields})
+    write_json(path, {**(summary if isinstance(summary, dict) else {}), **_known(fields)})
 
 
 def mark_failed(run_dir: Path, **fields) -> None:
@@ -294,7 +333,7 @@ def run_dirs(dirs: Iterable[Path]) -> Iterator[Path]:
         yield from sorted(c for c in candidates if is_run_dir(c))
 
 
-def read_summary(run_dir: Path) -> dict:
+def read_summary(run_dir: Path) -> Summary:
     """summary.json as a dict; ValueError with a one-line reason when missing or unreadable."""
     try:
         s = json.loads((Path(run_dir) / SUMMARY).read_text())

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from idmap import BAD_PLACE, IdmapError
-from idmap.rundir import DiskFull, write_metrics, write_summary
+from idmap.rundir import DiskFull, Summary, write_metrics, write_summary
 
 
 # TensorBoard: the paper's figures 1 and 6 draw train error (dashed) and test error (solid) on one
@@ -75,7 +75,7 @@ class RunLog:
                 self.writer.add_scalar(tag, entry[key], entry["iteration"])
             self.writer.flush()
 
-    def close(self, summary: dict) -> None:
+    def close(self, summary: Summary) -> None:
         final = summary["final_test_error"]
         with self._events():
             self.writer.add_scalar("hparam/final_test_error", math.nan if final is None else final,

@@ -26,7 +26,7 @@ from idmap.config import Role, check_config, check_schedule, keys, schedule
 from idmap.train.evaluation import evaluate
 from idmap.train.inputs import Inputs
 from idmap.models.resnet import build_resnet, count_parameters, model_kwargs
-from idmap.rundir import CHECKPOINT, Status, git_commit
+from idmap.rundir import CHECKPOINT, Status, Summary, git_commit
 from idmap.train.runlog import RunLog
 from idmap.train.runtime import (COMPILE_MODES, SGD_IMPLS, Interrupted, StopFlag, autocast, configure, device_name,
                            resolve_device)
@@ -299,7 +299,7 @@ def hparams(cfg: DictConfig) -> dict:
     return flat
 
 
-def new_summary(cfg: DictConfig, model, ds, device: torch.device, max_iters: int, choices: dict) -> dict:
+def new_summary(cfg: DictConfig, model, ds, device: torch.device, max_iters: int, choices: dict) -> Summary:
     """summary.json as a run starts; `model` records what was built, which may differ from the
     group choices (e.g. `model.block=original` on the command line leaves the block choice as is)."""
     return {
