@@ -91,3 +91,12 @@ def test_train_py_help_lists_every_key_with_what_it_allows():
         assert f"  {key.name}=" in out.stdout and key.rule.allowed() in out.stdout, key.name
     assert "block: bn_after_add, full_preact, original" in out.stdout  # the groups, as Hydra lists them
     assert "dataset.root=" in out.stdout and "${oc.env" not in out.stdout.split("dataset.root=")[1].split("\n")[0]
+
+
+def test_a_config_is_checked_once_where_it_comes_in(monkeypatch):
+    cfg = config.compose_checked(*TINY)  # an edge: checked here
+    calls = []
+    monkeypatch.setattr(config, "check_config", lambda *args: calls.append(args))
+    assert config.checked(cfg) is cfg and calls == []  # code below takes it as it is
+    raw = config.compose_config(*TINY)  # a config no edge checked (a run started from Python)
+    assert config.checked(raw) is raw and len(calls) == 1

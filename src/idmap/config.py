@@ -377,9 +377,24 @@ def _joint(cfg) -> list[tuple[bool, str]]:
     ]
 
 
+# Validation happens once, where a config comes in (train.py's task, compose_checked, idmap-plan, a run
+# started from Python): check_config marks the config it passed, and code below takes it through
+# `checked`, which checks only a config that was not. A key set after the check is checked where it
+# is set (run.launch._in_group: the launcher's world size).
+_CHECKED = "idmap_checked"
+
+
+def checked(cfg, choices=None):
+    """`cfg`, checked (check_config) unless it was already."""
+    if not (OmegaConf.is_config(cfg) and cfg._get_flag(_CHECKED)):
+        check_config(cfg, choices)
+    return cfg
+
+
 def check_config(cfg, choices=None) -> None:
     """IdmapError naming the key, its value and what is allowed, for the first bad setting; a block
-    file's ordering is checked with the file's name (`choices`: the run's group choices)."""
+    file's ordering is checked with the file's name (`choices`: the run's group choices). A config
+    that passes is marked checked (`checked`)."""
     from idmap.models.orderings import check_config as check_ordering
 
     for key in keys().values():
@@ -395,6 +410,8 @@ def check_config(cfg, choices=None) -> None:
         if not ok:
             raise IdmapError(message)
     check_ordering(cfg.model, (choices or {}).get("block"))
+    if OmegaConf.is_config(cfg):
+        cfg._set_flag(_CHECKED, True)
 
 
 def schedule(cfg, num_train: int) -> tuple[float, int, list[int]]:

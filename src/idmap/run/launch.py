@@ -18,7 +18,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError, report_failure
-from idmap.config import check_config
+from idmap.config import check_config, checked
 from idmap.run.resume import already_done, composable, quoted
 from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, Status, RunInUse, check_contained, checkpoint_path,
                           has_lock_file, lock_run_dir, read_summary, results_held, unlock_run_dir,
@@ -125,7 +125,6 @@ def _spawn(cfg: DictConfig, run_dir: Path, choices: dict, on_start=None) -> dict
     from idmap.train.data import load_dataset
 
     world_size = cfg.trainer.world_size
-    check_config(cfg)  # a bad value is one line here, not a traceback from every child process
     if resolve_device(cfg.trainer.device).type == "cuda" and world_size > torch.cuda.device_count():
         raise IdmapError(_shared_gpu(world_size, torch.cuda.device_count()))
     with socket.socket() as s:
@@ -190,6 +189,9 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None, on_st
     run's alone while it runs: rank 0 (or the process that spawns the ranks) holds its lock.
     `on_start`: called by rank 0 once the trainer has accepted the start (trainer.train)."""
     run_dir, choices = Path(run_dir), hydra_choices() if choices is None else choices
+    # Checked before the directory is claimed, a GPU taken or processes spawned (once: the Hydra task
+    # has checked it; a run started from Python may not have).
+    checked(cfg, choices)
     group = external_group()
     owner = not group or group[0] == 0
     locked = claim(run_dir, bool(cfg.trainer.resume)) if owner else False
@@ -320,7 +322,7 @@ def main(cfg: DictConfig) -> dict | None:
     try:
         # A sweep's job, or a run started from Python: before anything is written, a GPU is pinned
         # or processes are spawned.
-        check_config(cfg)
+        check_config(cfg, hydra_choices())
         summary = already_done(cfg, run_dir) if cfg.trainer.resume else None
         if summary is not None:
             log.info("%s already %s: not run again", run_dir, summary["status"])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.config import Role, check_config, check_schedule, keys, schedule
+from idmap.config import Role, check_schedule, checked, keys, schedule
 from idmap.train.evaluation import evaluate
 from idmap.train.inputs import Inputs
 from idmap.models.resnet import build_resnet, count_parameters, model_kwargs
@@ -89,7 +89,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     `on_start`: called by rank 0 once every check has passed and the state is built or restored
     (launch.py records the run's settings then, so a refused start or resume changes no record)."""
     run_dir = Path(run_dir)
-    check_config(cfg, choices)
+    checked(cfg, choices)  # once, at the edge that started the run; here for a caller that did not
     device = resolve_device(cfg.trainer.device)
     configure(cfg.trainer, cfg.seed)
     if device.type == "cuda":  # the summary's peak memory is this run's, not the process's
