@@ -414,31 +414,6 @@ def check_config(cfg, choices=None) -> None:
         cfg._set_flag(_CHECKED, True)
 
 
-def schedule(cfg, num_train: int) -> tuple[float, int, list[int]]:
-    """(iterations per epoch, the run's length, the LR milestones) in iterations, from the epochs
-    or iterations the config gives, once the training set's size is known."""
-    t, o = cfg.trainer, cfg.optim
-    per_epoch = num_train / t.batch_size
-    iters = round(t.epochs * per_epoch) if t.epochs else t.max_iters
-    milestones = [round(e * per_epoch) for e in o.milestone_epochs] if o.milestone_epochs else list(o.milestones)
-    return per_epoch, iters, milestones
-
-
-def check_schedule(cfg, num_train: int) -> int:
-    """The run's length in iterations; IdmapError when the schedule gives none. Milestones past
-    the end are allowed (short trial runs) but logged."""
-    import logging
-
-    _, iters, milestones = schedule(cfg, num_train)
-    if iters < 1:
-        t = cfg.trainer
-        raise IdmapError(f"trainer.epochs={t.epochs} gives no iteration ({num_train} images, batches of "
-                         f"{t.batch_size}); raise trainer.epochs")
-    if any(m >= iters for m in milestones):
-        logging.getLogger("idmap").info("LR milestones %s lie past the run's %d iterations", milestones, iters)
-    return iters
-
-
 def one_line_message(exc: Exception) -> str:
     """Hydra's and OmegaConf's multi-line messages as one line, without their object dumps."""
     noise = ("full_key:", "reference_type=", "object_type=", "Set the environment variable HYDRA_FULL_ERROR")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from idmap import IdmapError
-from idmap.config import Role, check_schedule, checked, keys, schedule
+from idmap.config import Role, checked, keys
 from idmap.train.evaluation import evaluate
 from idmap.train.inputs import Inputs
 from idmap.models.resnet import build_resnet, count_parameters, model_kwargs
@@ -41,6 +41,29 @@ def learning_rate(it: int, optim: Any, milestones: list[int]) -> float:
     if it < optim.warmup_iters:
         return optim.warmup_lr
     return optim.lr * optim.gamma ** sum(it >= m for m in milestones)
+
+
+def schedule(cfg, num_train: int) -> tuple[float, int, list[int]]:
+    """(iterations per epoch, the run's length, the LR milestones) in iterations, from the epochs
+    or iterations the config gives, once the training set's size is known."""
+    t, o = cfg.trainer, cfg.optim
+    per_epoch = num_train / t.batch_size
+    iters = round(t.epochs * per_epoch) if t.epochs else t.max_iters
+    milestones = [round(e * per_epoch) for e in o.milestone_epochs] if o.milestone_epochs else list(o.milestones)
+    return per_epoch, iters, milestones
+
+
+def check_schedule(cfg, num_train: int) -> int:
+    """The run's length in iterations; IdmapError when the schedule gives none. Milestones past
+    the end are allowed (short trial runs) but logged."""
+    _, iters, milestones = schedule(cfg, num_train)
+    if iters < 1:
+        t = cfg.trainer
+        raise IdmapError(f"trainer.epochs={t.epochs} gives no iteration ({num_train} images, batches of "
+                         f"{t.batch_size}); raise trainer.epochs")
+    if any(m >= iters for m in milestones):
+        log.info("LR milestones %s lie past the run's %d iterations", milestones, iters)
+    return iters
 
 
 def run_inputs(cfg: DictConfig, device: torch.device, batch_size: int) -> Inputs:
