@@ -14,7 +14,7 @@ import hydra  # noqa: E402
 
 from hydra.errors import HydraException  # noqa: E402
 
-from idmap import bad_input  # noqa: E402
+from idmap import IdmapError, bad_input, report_failure  # noqa: E402
 from idmap.config import one_line_message, quote_numeric_choices, register_configs  # noqa: E402
 from idmap.overrides import check_overrides  # noqa: E402
 from idmap.run.launch import before_hydra  # noqa: E402
@@ -32,11 +32,11 @@ def before_hydra_writes(argv: list[str]) -> list[str]:
         check_overrides(argv)
         return before_hydra(quote_numeric_choices(resume_argv(argv)))
     except Exception as exc:  # a refused resume, setting, file or run directory
-        line = one_line_message(exc) if isinstance(exc, HydraException) else bad_input(exc)
-        if line is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(exc, HydraException):  # Hydra's message, as one line of bad input
+            exc = IdmapError(one_line_message(exc))
+        if bad_input(exc) is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # a bug here: Python's traceback
+        sys.exit(report_failure(exc))
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -31,12 +31,12 @@ def bad_input(exc: BaseException) -> str | None:
     return None
 
 
-def report_failure(exc: BaseException, more: str) -> int:
+def report_failure(exc: BaseException, more: str = "") -> int:
     """Prints the one line that reports `exc` and returns the exit code every entry point gives it:
     2 for bad input, 1 for an internal error (`more`: where its details are)."""
     line = bad_input(exc)
     if line is not None:
         print(f"error: {line}", file=sys.stderr)
         return 2
-    print(f"internal error: {one_line(exc)} ({more})", file=sys.stderr)
+    print(f"internal error: {one_line(exc)}" + (f" ({more})" if more else ""), file=sys.stderr)
     return 1
