@@ -56,15 +56,17 @@ def test_a_new_key_is_checked_resumable_logged_and_listed_from_its_declaration_a
 
 
 def test_the_roles_are_the_lists_they_replaced():
-    """Behaviour unchanged: each role holds what its hand-kept list held before issue 34."""
+    """Behaviour unchanged: each role holds what its hand-kept list held before issue 34 (and
+    model.ghost_bn, the switch added since: how ghost BN computes the same statistics)."""
     assert set(with_role(Role.RESUMABLE)) == {
         *(f"trainer.{k}" for k in ("max_iters", "epochs", "eval_every", "eval_batch_size", "checkpoint_every",
                                    "log_every", "device", "resume", "progress", "signal_every", "world_size",
                                    "precision", "channels_last", "compile", "deterministic")),
         "optim.impl", "dataset.root", "dataset.download", "dataset.label", "gpu_pool.enabled",
-        "gpu_pool.jobs_per_gpu", "gpu_pool.lock_dir", "tags"}
+        "gpu_pool.jobs_per_gpu", "gpu_pool.lock_dir", "tags", "model.ghost_bn"}
     assert set(with_role(Role.SWITCH)) == {"trainer.device", "trainer.precision", "trainer.channels_last",
-                                           "trainer.compile", "trainer.deterministic", "optim.impl"}
+                                           "trainer.compile", "trainer.deterministic", "optim.impl",
+                                           "model.ghost_bn"}
     assert set(with_role(Role.POOLED)) == {"seed", "trainer.resume", "trainer.device", "trainer.progress",
                                            "gpu_pool.enabled", "gpu_pool.jobs_per_gpu", "gpu_pool.lock_dir"}
     assert set(with_role(Role.PER_RUN)) == {"seed", "trainer.resume"}

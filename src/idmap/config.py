@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from idmap import IdmapError
 from idmap.train.data import DATASETS, NORMALIZATIONS
+from idmap.models.norm import GHOST_BN
 from idmap.models.resnet import DOWNSAMPLES, SHORTCUT_DEFAULTS, SHORTCUTS, UNITS
 from idmap.paths import CONF  # the project's config groups (train.yaml's)
 from idmap.train.runtime import COMPILE_MODES, DEVICE, PRECISIONS, SGD_IMPLS
@@ -124,6 +125,8 @@ class ModelConfig:
                                                  "(the paper's 2 GPUs x 64)")
     checkpointing: bool = setting(False, BOOL, C, H, help="activation checkpointing per unit: compute for "
                                                           "memory (ResNet-1001 on one GPU)")
+    ghost_bn: str = setting("one_pass", _choice(GHOST_BN), R, S, C, help="how ghost BN computes the same "
+                            "statistics: all chunks at once, or chunked (the reference, one BN call per chunk)")
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The paper's batch of 128 was split over 2 GPUs, so each BN saw 64 images at a time.
 `GhostBatchNorm2d` normalises all chunks of a batch in one pass; `ChunkedGhostBatchNorm2d` is the
 reference it must equal (one BN call per chunk, then a cat), kept so that tests and the benchmark
-can set the two side by side (`to_chunked`).
+can set the two side by side (`to_chunked`; `model.ghost_bn=chunked` builds a run's nets with it).
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def _chunked(bn: GhostBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     if not bn.training or x.shape[0] <= bn.bn_batch:
         return nn.BatchNorm2d.forward(bn, x)
     return torch.cat([nn.BatchNorm2d.forward(bn, c) for c in x.split(bn.bn_batch)])
+
+
+GHOST_BN = ("one_pass", "chunked")  # model.ghost_bn: how ghost BN computes (the same statistics)
 
 
 def to_chunked(model: nn.Module) -> nn.Module:

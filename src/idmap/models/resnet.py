@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as recompute
 
-from idmap.models.norm import GhostBatchNorm2d, frozen_running_stats, norm as _norm
+from idmap.models.norm import GHOST_BN, GhostBatchNorm2d, frozen_running_stats, norm as _norm, to_chunked
 # Figure 4's orderings (and orderings given as data) live in orderings.py, their one home.
 from idmap.models.orderings import ORDERINGS, Ordering, block_of
 
@@ -278,6 +278,20 @@ def units_per_stage_for(depth: int, unit: str, stages: int = 3) -> list[int]:
     return [n] * stages
 
 
+def _check_names(block, shortcut: str, options: dict, ghost_bn: str) -> None:
+    """ValueError for a block, shortcut, shortcut option or ghost BN mode the builder does not have."""
+    if not isinstance(block, Ordering) and block not in ORDERINGS:
+        raise ValueError(f"unknown block {block!r}; choose from {', '.join(ORDERINGS)}, or give its "
+                         "ordering as data (orderings.py)")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut {shortcut!r}; choose from {', '.join(SHORTCUTS)}")
+    unknown = set(options) - set(SHORTCUT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown options {sorted(unknown)}; shortcut options are {sorted(SHORTCUT_DEFAULTS)}")
+    if ghost_bn not in GHOST_BN:
+        raise ValueError(f"unknown ghost_bn {ghost_bn!r}; choose from {', '.join(GHOST_BN)}")
+
+
 def build_resnet(
     depth: int,
     *,
@@ -291,6 +305,7 @@ def build_resnet(
     zero_init_residual: bool = False,
     bn_batch: int | None = None,
     checkpointing: bool = False,
+    ghost_bn: str = "one_pass",
     **options,
 ) -> ResNet:
     """A CIFAR ResNet of `depth` weight layers with the paper's residual unit variants.
@@ -306,15 +321,10 @@ def build_resnet(
     widths / units_per_stage: other stage layouts, e.g. widths=(64, 128, 256, 512),
         units_per_stage=(2, 2, 2, 2) for a pre-activation ResNet-18.
     bn_batch: ghost batch norm over chunks of this many images.
+    ghost_bn: one_pass (all chunks at once) | chunked (one BN call per chunk: the reference it
+        equals, for benchmarks and checks).
     """
-    if not isinstance(block, Ordering) and block not in ORDERINGS:
-        raise ValueError(f"unknown block {block!r}; choose from {', '.join(ORDERINGS)}, or give its "
-                         "ordering as data (orderings.py)")
-    if shortcut not in SHORTCUTS:
-        raise ValueError(f"unknown shortcut {shortcut!r}; choose from {', '.join(SHORTCUTS)}")
-    unknown = set(options) - set(SHORTCUT_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown options {sorted(unknown)}; shortcut options are {sorted(SHORTCUT_DEFAULTS)}")
+    _check_names(block, shortcut, options, ghost_bn)
     widths = tuple(widths or DEFAULT_WIDTHS)
     if unit == "auto":
         unit = auto_unit(depth, len(widths))
@@ -356,7 +366,7 @@ def build_resnet(
     model.arch = dict(depth=depth, block=ordering.name or "custom", shortcut=shortcut, unit=unit,
                       downsample=downsample, widths=list(widths), units_per_stage=list(units_per_stage))
     _init(model, zero_init_residual)
-    return model
+    return to_chunked(model) if ghost_bn == "chunked" else model
 
 
 def _init(model: ResNet, zero_init_residual: bool) -> None:
@@ -392,6 +402,7 @@ def model_kwargs(cfg: Any, num_classes: int) -> dict:
         zero_init_residual=m["zero_init_residual"],
         bn_batch=m.get("bn_batch"),
         checkpointing=m.get("checkpointing", False),
+        ghost_bn=m.get("ghost_bn", "one_pass"),  # a run from before the switch: one pass
         **{k: s[k] for k in SHORTCUT_DEFAULTS},
     )
 

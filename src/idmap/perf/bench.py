@@ -18,7 +18,6 @@ executes; the ghost-BN rows set the one-pass ghost batch norm against the chunke
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import gc
 import os
@@ -35,7 +34,6 @@ import torch.nn.functional as F
 from idmap.train import data as datamod
 from idmap.config import compose_config
 from idmap.models.resnet import build_resnet, model_kwargs
-from idmap.models.norm import to_chunked
 from idmap.paths import CONF
 from idmap.rundir import Status, read_metrics
 from idmap.train.runtime import Interrupted, device_name, set_tf32
@@ -51,13 +49,13 @@ class Setting:
     overrides: tuple[str, ...]
     cuda_only: str = ""  # why the setting is skipped on a CPU unless named in --settings
     min_depth: int = 0  # skipped below this depth unless named in --settings
-    chunked_bn: bool = False  # ghost BN as one BN call per chunk (idmap.models.norm.to_chunked)
 
 
 _CL = ("trainer.channels_last=true",)
 _BF16_CL = ("trainer.precision=bf16", *_CL)
 _FUSED = (*_BF16_CL, "optim.impl=fused")
 _GHOST = "model.bn_batch={half_batch}"
+_CHUNKED = "model.ghost_bn=chunked"  # the reference: one BN call per chunk
 _NO_TF32 = "TF32 is a tensor-core mode of CUDA GPUs; on a CPU it is fp32"
 
 # A ladder: each row adds one switch to the row above it, so its speed-up over that row is what
@@ -77,10 +75,10 @@ SETTINGS = (
     # The paper's BN over 64 of the 128 images (half the batch here): one pass against one BN call
     # per chunk, eager and compiled.
     Setting("bf16+channels_last+fused_sgd+ghost_bn", (*_FUSED, _GHOST)),
-    Setting("bf16+channels_last+fused_sgd+ghost_bn_chunked", (*_FUSED, _GHOST), chunked_bn=True),
+    Setting("bf16+channels_last+fused_sgd+ghost_bn_chunked", (*_FUSED, _GHOST, _CHUNKED)),
     Setting("bf16+channels_last+fused_sgd+compile+ghost_bn", (*_FUSED, _GHOST, "trainer.compile=default")),
     Setting("bf16+channels_last+fused_sgd+compile+ghost_bn_chunked",
-            (*_FUSED, _GHOST, "trainer.compile=default"), chunked_bn=True),
+            (*_FUSED, _GHOST, "trainer.compile=default", _CHUNKED)),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 CLASSIC_STRICT = "classic-strict-fp32"
@@ -191,12 +189,11 @@ def classic(cfg, args, device: torch.device, strict_fp32: bool = False) -> tuple
 # --------------------------------------------------------------------------------------------------
 # (2) This project's trainer
 # --------------------------------------------------------------------------------------------------
-def project(cfg, args, device: torch.device, chunked_bn: bool = False) -> tuple[float, float | None]:
+def project(cfg, args, device: torch.device) -> tuple[float, float | None]:
     """images/s and peak MiB of idmap.train.trainer.train itself. The first evaluation, after the warm-up,
     starts the timed window (compile and autotuning fall before it); every later metrics entry is
-    part of it, combined as total images over total seconds. `chunked_bn`: the trainer's nets get
-    the chunked ghost BN (idmap.models.norm.to_chunked), the reference the one-pass version is timed against."""
-    with tempfile.TemporaryDirectory(prefix="idmap-bench-") as run_dir, _chunked_ghost_bn(chunked_bn):
+    part of it, combined as total images over total seconds."""
+    with tempfile.TemporaryDirectory(prefix="idmap-bench-") as run_dir:
         summary = train(cfg, run_dir)
         metrics = read_metrics(run_dir)
         if summary["status"] != Status.COMPLETED or len(metrics) < 2:
@@ -210,21 +207,6 @@ def steady_rate(metrics: list[dict], batch: int) -> float:
     iters = [b["iteration"] - a["iteration"] for a, b in zip(metrics, metrics[1:])]
     seconds = sum(n * batch / m["images_per_sec"] for n, m in zip(iters, metrics[1:]))
     return sum(iters) * batch / seconds
-
-
-@contextlib.contextmanager
-def _chunked_ghost_bn(enabled: bool):
-    """While enabled, the nets the trainer builds have the chunked ghost BN: the trainer's own
-    code runs, only the BN modules differ."""
-    import idmap.train.trainer as trainer
-
-    build = trainer.build_resnet
-    if enabled:
-        trainer.build_resnet = lambda *a, **kw: to_chunked(build(*a, **kw))
-    try:
-        yield
-    finally:
-        trainer.build_resnet = build
 
 
 def trainer_overrides(args, depth: int, setting: Setting) -> list[str]:
@@ -350,8 +332,8 @@ def main(argv=None) -> int:
                 names = skipped.setdefault(why, [])
                 if name not in names:
                     names.append(name)
-            runs += [(s.name, lambda s=s: project(compose_config(*trainer_overrides(args, depth, s)), args, device,
-                                                  chunked_bn=s.chunked_bn)) for s in settings]
+            runs += [(s.name, lambda s=s: project(compose_config(*trainer_overrides(args, depth, s)), args, device))
+                     for s in settings]
             baseline = None
             for name, run in runs:
                 free(device)

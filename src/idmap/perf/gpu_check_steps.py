@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 
-from idmap.perf.bench import _chunked_ghost_bn, free, short_error
+from idmap.perf.bench import free, short_error
 from idmap.config import compose_config
 from idmap.perf.gpu_check_sizes import FAST, NO_COMPILE, NO_CUDA, PACKED, train_overrides
 from idmap.perf.plan import time_step
@@ -239,15 +239,14 @@ def resume(ctx) -> None:
 # --------------------------------------------------------------------------------------------------
 def ghost_bn(ctx) -> None:
     """The trainer's own build and step (plan.time_step) timed twice, the second time with the
-    chunked BN swapped in as bench's chunked rows do: only the BN modules differ."""
+    chunked BN (model.ghost_bn=chunked) as bench's chunked rows: only the BN modules differ."""
     s, speedups = ctx.sizes, []
     for net in (s.resnet20, s.deep):
-        cfg = compose_config(*train_overrides(s, 1, 1), *net, "trainer.precision=bf16",
-                             "trainer.channels_last=true")
+        overrides = (*train_overrides(s, 1, 1), *net, "trainer.precision=bf16", "trainer.channels_last=true")
+        cfg = compose_config(*overrides)
         label = f"ghost BN ({' '.join(net)}, bn_batch {cfg.model.bn_batch}, bf16, channels_last)"
         t_new = time_step(cfg, s.ghost_iters, warmup=3)[0]
-        with _chunked_ghost_bn(True):
-            t_old = time_step(cfg, s.ghost_iters, warmup=3)[0]
+        t_old = time_step(compose_config(*overrides, "model.ghost_bn=chunked"), s.ghost_iters, warmup=3)[0]
         ctx.add(label, ms_per_iter_one_pass=1000 * t_new, ms_per_iter_chunked=1000 * t_old, speedup=t_old / t_new)
         speedups.append(f"{' '.join(net)}: one pass {t_old / t_new:.2f}x chunked")
     ctx.headline = "; ".join(speedups)
