@@ -83,6 +83,11 @@ def test_the_roles_are_the_lists_they_replaced():
     assert switches_changed({"trainer": {"precision": "fp32"}, "optim": {"impl": "loop"}},
                             {"trainer": {"precision": "bf16"}, "optim": {"impl": "loop"}}) == [
         "trainer.precision: fp32 -> bf16"]
+    # A checkpoint from before a switch existed ran as its default: no switch changed.
+    same = {"trainer": {k: config.default(f"trainer.{k}") for k in ("precision", "device", "channels_last",
+                                                                     "compile", "deterministic")},
+            "optim": {"impl": "foreach"}}
+    assert switches_changed(same, {**same, "model": {"ghost_bn": "one_pass"}}) == []
 
 
 def test_train_py_help_lists_every_key_with_what_it_allows():

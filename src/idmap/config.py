@@ -266,6 +266,17 @@ def _declared(schema: type, prefix: str = "") -> Dict[str, Key]:
     return out
 
 
+def default(key: str, schema: Optional[type] = None):
+    """A key's default in the schema (as declared; before any group of conf/ sets it)."""
+    return _defaults(schema or Config)[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _defaults(schema: type) -> Dict[str, Any]:
+    node = OmegaConf.structured(schema)
+    return {k: OmegaConf.select(node, k, throw_on_resolution_failure=False) for k in keys(schema)}
+
+
 def with_role(role: Role, schema: Optional[type] = None) -> List[str]:
     """The keys that have `role`, in declaration order."""
     return [k.name for k in keys(schema).values() if role in k.roles]

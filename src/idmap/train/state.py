@@ -11,7 +11,7 @@ import torch
 
 from idmap import IdmapError
 from idmap.train.checkpoint import fits, load_checkpoint, save_checkpoint
-from idmap.config import Role, has_role, with_role
+from idmap.config import Role, default, has_role, with_role
 
 log = logging.getLogger("idmap")
 
@@ -79,10 +79,11 @@ class BatchStream:
 def switches_changed(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for every speed switch (config.Role.SWITCH) that differs between a
     checkpoint's run and this one: the resume continues equal up to rounding, not bit for bit
-    (README, "Resuming")."""
+    (README, "Resuming"). A switch a checkpoint's run did not have yet counts as its default, the
+    only way that run could run (model.ghost_bn: one_pass)."""
     def get(cfg: dict, key: str):
         section, _, name = key.partition(".")
-        return cfg.get(section, {}).get(name)
+        return cfg.get(section, {}).get(name, default(key))
 
     return [f"{key}: {get(old, key)} -> {get(new, key)}" for key in with_role(Role.SWITCH)
             if get(old, key) != get(new, key)]
