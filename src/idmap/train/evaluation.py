@@ -104,7 +104,8 @@ def _group(name: str) -> DictConfig:
     try:
         return compose_config(f"dataset={name}").dataset
     except Exception as exc:  # an option Hydra does not have: one line with the options
-        raise IdmapError(f"dataset={name}: {one_line_message(exc)}") from None
+        why = one_line_message(exc).removeprefix("In 'train': ")  # Hydra naming its own file
+        raise IdmapError(f"dataset={name}: {why}") from None
 
 
 def _split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
