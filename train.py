@@ -14,8 +14,8 @@ import hydra  # noqa: E402
 
 from hydra.errors import HydraException  # noqa: E402
 
-from idmap import IdmapError, bad_input, report_failure  # noqa: E402
-from idmap.config import one_line_message, quote_numeric_choices, register_configs  # noqa: E402
+from idmap import IdmapError, bad_input, one_line_message, report_failure  # noqa: E402
+from idmap.config import quote_numeric_choices, register_configs  # noqa: E402
 from idmap.overrides import check_overrides  # noqa: E402
 from idmap.run.launch import before_hydra  # noqa: E402
 from idmap.run.resume import resume_argv  # noqa: E402

@@ -3,6 +3,7 @@ roles and help; the checks, the resume rules, the sweep report's pooling, idmap-
 TensorBoard's hparams and `train.py --help` all derive from that declaration. The fixture adds a key
 the way a developer would (one field in config.py) and nothing else changes."""
 
+import copy
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -103,7 +104,13 @@ def test_train_py_help_lists_every_key_with_what_it_allows():
 def test_a_config_is_checked_once_where_it_comes_in(monkeypatch):
     cfg = config.compose_checked(*TINY)  # an edge: checked here
     calls = []
-    monkeypatch.setattr(config, "check_config", lambda *args: calls.append(args))
+    real = config.check_config
+    monkeypatch.setattr(config, "check_config", lambda *args: calls.append(args) or real(*args))
     assert config.checked(cfg) is cfg and calls == []  # code below takes it as it is
-    raw = config.compose_config(*TINY)  # a config no edge checked (a run started from Python)
+    assert config.checked(config.compose_config(*TINY)) is not None and calls == []  # the same, composed again
+    raw = config.compose_config(*TINY, "seed=5")  # a config no edge checked (a run started from Python)
     assert config.checked(raw) is raw and len(calls) == 1
+    changed = copy.deepcopy(cfg)  # a copy of a checked config, changed after the check, is checked again
+    changed.trainer.batch_size = 0
+    with pytest.raises(IdmapError, match="trainer.batch_size=0"):
+        config.checked(changed)

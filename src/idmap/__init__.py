@@ -21,6 +21,26 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
+def one_line_message(exc: Exception) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line, without their object dumps."""
+    noise = ("full_key:", "reference_type=", "object_type=", "Set the environment variable HYDRA_FULL_ERROR")
+    text = str(exc)
+    if isinstance(exc, IdmapError):  # one line already (config.compose_checked's), whatever its cause said
+        return text
+    if exc.__cause__ is not None and str(exc.__cause__) not in text:  # "Error merging override x" says why here
+        text += "\n" + str(exc.__cause__)
+    lines = [ln.strip() for ln in text.split("Config search path")[0].splitlines()
+             if ln.strip() and not ln.strip().startswith(noise)]
+    out = []
+    for k, line in enumerate(lines):
+        if line.startswith("Available options"):  # then one option per line (Hydra may repeat it all)
+            options = [o for o in lines[k + 1:] if " " not in o and ":" not in o]
+            out.append(f"{line.rstrip(':')}: {', '.join(dict.fromkeys(options))}")
+            break
+        out.append(line.rstrip("."))
+    return "; ".join(out) or type(exc).__name__
+
+
 def bad_input(exc: BaseException) -> str | None:
     """The one line that reports `exc` as bad input (exit code 2, train.py and every script), or
     None when it is no such thing: a bug (exit code 1)."""

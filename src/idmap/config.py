@@ -7,6 +7,7 @@ select among the paper's choices and only override what differs.
 import copy
 import dataclasses
 import functools
+import hashlib
 import math
 import re
 import typing
@@ -18,7 +19,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from idmap import IdmapError
+from idmap import IdmapError, one_line_message
 from idmap.train.data import DATASETS, NORMALIZATIONS
 from idmap.models.norm import GHOST_BN
 from idmap.models.resnet import DOWNSAMPLES, SHORTCUT_DEFAULTS, SHORTCUTS, UNITS
@@ -392,15 +393,18 @@ def _joint(cfg) -> list[tuple[bool, str]]:
 
 
 # Validation happens once, where a config comes in (train.py's task, compose_checked, idmap-plan, a run
-# started from Python): check_config marks the config it passed, and code below takes it through
-# `checked`, which checks only a config that was not. A key set after the check is checked where it
-# is set (run.launch._in_group: the launcher's world size).
-_CHECKED = "idmap_checked"
+# started from Python): check_config remembers what each config it passed held, and `checked` checks
+# again only what it has not passed (a copy changed after the check: the launcher's world size, say).
+_PASSED: set = set()
+
+
+def _content(cfg, choices) -> str:  # the block file's name is in the messages
+    return hashlib.sha256((OmegaConf.to_yaml(cfg) + repr((choices or {}).get("block"))).encode()).hexdigest()
 
 
 def checked(cfg, choices=None):
-    """`cfg`, checked (check_config) unless it was already."""
-    if not (OmegaConf.is_config(cfg) and cfg._get_flag(_CHECKED)):
+    """`cfg`, checked (check_config) unless a config that held the same was."""
+    if not (OmegaConf.is_config(cfg) and _content(cfg, choices) in _PASSED):
         check_config(cfg, choices)
     return cfg
 
@@ -408,7 +412,7 @@ def checked(cfg, choices=None):
 def check_config(cfg, choices=None) -> None:
     """IdmapError naming the key, its value and what is allowed, for the first bad setting; a block
     file's ordering is checked with the file's name (`choices`: the run's group choices). A config
-    that passes is marked checked (`checked`)."""
+    that passes is remembered (`checked`)."""
     from idmap.models.orderings import check_config as check_ordering
 
     for key in keys().values():
@@ -425,27 +429,7 @@ def check_config(cfg, choices=None) -> None:
             raise IdmapError(message)
     check_ordering(cfg.model, (choices or {}).get("block"))
     if OmegaConf.is_config(cfg):
-        cfg._set_flag(_CHECKED, True)
-
-
-def one_line_message(exc: Exception) -> str:
-    """Hydra's and OmegaConf's multi-line messages as one line, without their object dumps."""
-    noise = ("full_key:", "reference_type=", "object_type=", "Set the environment variable HYDRA_FULL_ERROR")
-    text = str(exc)
-    if isinstance(exc, IdmapError):  # one line already (compose_checked's), whatever its cause said
-        return text
-    if exc.__cause__ is not None and str(exc.__cause__) not in text:  # "Error merging override x" says why here
-        text += "\n" + str(exc.__cause__)
-    lines = [ln.strip() for ln in text.split("Config search path")[0].splitlines()
-             if ln.strip() and not ln.strip().startswith(noise)]
-    out = []
-    for k, line in enumerate(lines):
-        if line.startswith("Available options"):  # then one option per line (Hydra may repeat it all)
-            options = [o for o in lines[k + 1:] if " " not in o and ":" not in o]
-            out.append(f"{line.rstrip(':')}: {', '.join(dict.fromkeys(options))}")
-            break
-        out.append(line.rstrip("."))
-    return "; ".join(out) or type(exc).__name__
+        _PASSED.add(_content(cfg, choices))
 
 
 def compose_checked(*overrides: str, hydra: bool = False):

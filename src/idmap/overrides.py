@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from idmap import IdmapError
-from idmap.config import Config, keys, one_line_message
+from idmap import IdmapError, one_line_message
+from idmap.config import Config, keys
 from idmap.paths import CONF
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # a config option's name: no path

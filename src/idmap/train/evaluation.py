@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from idmap import IdmapError, cli
+from idmap import IdmapError, cli, one_line_message
 from idmap.train.checkpoint import fits, load_checkpoint, model_from_state
 from idmap.rundir import checkpoint_path, write_files
 from idmap.train.inputs import Inputs
@@ -99,7 +99,7 @@ def _schema(*nodes) -> DictConfig:
 def _group(name: str) -> DictConfig:
     """The data set `dataset=NAME` gives train.py: conf/dataset/NAME.yaml over the schema's
     defaults, composed as train.py composes it."""
-    from idmap.config import compose_config, one_line_message
+    from idmap.config import compose_config
 
     try:
         return compose_config(f"dataset={name}").dataset
