@@ -57,8 +57,9 @@ CPU_ROWS = ["fp32", "bf16+channels_last", "bf16+channels_last+fused_sgd", "bf16+
 
 
 def test_cpu_table_has_the_header_and_a_row_of_numbers_per_setting(tmp_path, capsys):
-    out = tmp_path / "bench.md"
-    assert bench.main([*SMOKE, "--device", "cpu", "--out", str(out), "--settings", *CPU_ROWS]) == 0
+    out, rows_file = tmp_path / "bench.md", tmp_path / "rows.jsonl"
+    assert bench.main([*SMOKE, "--device", "cpu", "--out", str(out), "--rows", str(rows_file),
+                       "--settings", *CPU_ROWS]) == 0
     text = capsys.readouterr().out
     assert out.read_text() == text
     first = text.splitlines()[0]
@@ -71,6 +72,9 @@ def test_cpu_table_has_the_header_and_a_row_of_numbers_per_setting(tmp_path, cap
     assert rows["classic"][3] == "1.00x"
     for cells in rows.values():
         assert_measured(cells, cuda=False)
+    records = [json.loads(line) for line in rows_file.read_text().splitlines()]  # the same rows, unrounded
+    assert [r["setting"] for r in records] == list(rows) and records[0]["speedup"] == 1.0
+    assert [bench.row(r) for r in records] == [line for line in text.splitlines() if line.startswith("| 8 |")]
 
 
 def test_settings_a_cpu_leaves_out_are_named_with_the_reason(capsys, monkeypatch):

@@ -133,16 +133,18 @@ def test_the_steps_table_in_the_docs_is_the_codes():
     assert gpu_check.plan_table() in (ROOT / "docs" / "benchmarks.md").read_text()
 
 
-def test_bench_rows_are_read_from_what_bench_printed_even_when_it_was_cut_short(tmp_path):
-    log = tmp_path / "bench.log"
-    log.write_text("| 20 | classic | 1,000 | 128.0 | 50 | 1.00x | 136.5 |\n"
-                   "| 20 | fp32 | failed: out of memory |  |  |  |  |\n"
-                   "| 20 | classic | 1,000 | 128.0 | 50 | 1.00x | 136.5 |\n"  # the final table repeats rows
-                   "Traceback (most recent call last):\n")
-    rows = bench_rows(log)
+def test_bench_rows_are_read_from_what_bench_wrote_even_when_it_was_cut_short(tmp_path):
+    rows_file = tmp_path / "bench.rows.jsonl"
+    classic = {"depth": 20, "setting": "classic", "images_per_sec": 1000.5, "ms_per_iter": 127.9, "peak_mib": 50.0,
+               "speedup": 1.0, "minutes_64k": 136.5}
+    rows_file.write_text(json.dumps(classic) + "\n" + json.dumps({"depth": 20, "setting": "fp32", "error": "out of memory"})
+                         + "\n" + json.dumps({**classic, "images_per_sec": 999.0}) + "\n"  # measured again: the last counts
+                         + '{"depth": 20, "setting": "bf16", "images_per')  # cut off mid-write
+    rows = bench_rows(rows_file)
     assert [r["setting"] for r in rows] == ["classic", "fp32"]
-    assert rows[0]["images_per_sec"] == 1000.0 and rows[0]["speedup"] == 1.0
-    assert rows[1]["images_per_sec"] is None
+    assert rows[0]["images_per_sec"] == 999.0 and rows[0]["speedup"] == 1.0
+    assert rows[1]["error"] == "out of memory" and "images_per_sec" not in rows[1]
+    assert bench_rows(tmp_path / "absent.jsonl") == []
 
 
 def test_without_cuda_the_check_refuses_in_one_line_unless_rehearsing(capsys):

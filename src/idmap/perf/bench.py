@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import os
 import shlex
 import sys
@@ -224,16 +225,25 @@ def trainer_overrides(args, depth: int, setting: Setting) -> list[str]:
 COLUMNS = ("depth", "loop / setting", "images/s", "ms/iter", "peak MiB", "speed-up", "64k iters (min)")
 
 
-def row(depth: int, name: str, result, batch: int, baseline: float | None) -> str:
-    """`result` is (images/s, peak MiB) or an error message."""
+def row_record(depth: int, name: str, result, batch: int, baseline: float | None) -> dict:
+    """One row's numbers, unrounded (`--rows`); `result` is (images/s, peak MiB) or an error message."""
     if isinstance(result, str):
-        cells = [f"failed: {result}", "", "", "", ""]
+        return {"depth": depth, "setting": name, "error": result}
+    ips, peak = result
+    ms = 1000 * batch / ips
+    return {"depth": depth, "setting": name, "images_per_sec": ips, "ms_per_iter": ms, "peak_mib": peak,
+            "speedup": ips / baseline if baseline else None, "minutes_64k": PAPER_ITERS * ms / 60_000}
+
+
+def row(rec: dict) -> str:
+    """A row_record as a line of the markdown table."""
+    if "error" in rec:
+        cells = [f"failed: {rec['error']}", "", "", "", ""]
     else:
-        ips, peak = result
-        ms = 1000 * batch / ips
-        cells = [f"{ips:,.0f}", f"{ms:.1f}", "" if peak is None else f"{peak:,.0f}",
-                 f"{ips / baseline:.2f}x" if baseline else "", f"{PAPER_ITERS * ms / 60_000:.1f}"]
-    return "| " + " | ".join([str(depth), name, *cells]) + " |"
+        cells = [f"{rec['images_per_sec']:,.0f}", f"{rec['ms_per_iter']:.1f}",
+                 "" if rec["peak_mib"] is None else f"{rec['peak_mib']:,.0f}",
+                 "" if rec["speedup"] is None else f"{rec['speedup']:.2f}x", f"{rec['minutes_64k']:.1f}"]
+    return "| " + " | ".join([str(rec["depth"]), rec["setting"], *cells]) + " |"
 
 
 def short_error(exc: BaseException) -> str:
@@ -300,6 +310,8 @@ def parse_args(argv):
     p.add_argument("--widths", type=int, nargs=3, help="stage widths (default: the paper's); small for smoke tests")
     p.add_argument("--block", default="full_preact", help="conf/block/ choice")
     p.add_argument("--out", type=Path, help="also write the table (with its header) to this markdown file")
+    p.add_argument("--rows", type=Path, help="also append each row, unrounded, as a JSON line to this file "
+                                             "as soon as it is measured (what idmap-gpu-check reads)")
     args = p.parse_args(argv)
     if min(args.iters, args.warmup, args.batch_size, args.num_train) < 1 or args.workers < 0:
         p.error("--iters, --warmup, --batch-size and --num-train must be positive, --workers >= 0")
@@ -345,8 +357,12 @@ def main(argv=None) -> int:
                     result = short_error(exc)
                 if name == "classic" and not isinstance(result, str):
                     baseline = result[0]
-                lines.append(row(depth, name, result, args.batch_size, baseline))
+                rec = row_record(depth, name, result, args.batch_size, baseline)
+                lines.append(row(rec))
                 print(lines[-1], file=sys.stderr, flush=True)
+                if args.rows:  # a line per row as it comes, so a process cut short keeps what it measured
+                    with open(args.rows, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
     except KeyboardInterrupt:
         interrupted = True
     free(device)

@@ -5,8 +5,8 @@ starts them). The check's own process only starts, waits and reads files.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -106,43 +106,34 @@ def train_cmd(overrides: list[str], run_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # bench: scripts/bench.py, one process per step (its sizes name the depth and the rows)
 # --------------------------------------------------------------------------------------------------
-BENCH_KEYS = ("depth", "setting", "images_per_sec", "ms_per_iter", "peak_mib", "speedup", "minutes_64k")
-
-
-def bench_rows(log: Path) -> list[dict]:
-    """The rows bench.py printed as it went (so a process cut short keeps the rows it finished)."""
+def bench_rows(path: Path) -> list[dict]:
+    """The rows bench.py wrote to `--rows` as it went (so a process cut short keeps the rows it
+    finished; a line cut off mid-write is left out), the last of each (depth, setting)."""
     rows = {}
-    for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == len(BENCH_KEYS) and cells[0].isdigit():
-            row = dict(zip(BENCH_KEYS, cells))
-            for k in BENCH_KEYS[2:]:
-                text = row[k].replace(",", "").removesuffix("x")
-                row[k] = float(text) if re.fullmatch(r"[0-9.]+", text) else None
-            rows[(row["depth"], row["setting"])] = row
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        rows[(row["depth"], row["setting"])] = row
     return list(rows.values())
 
 
 def bench(ctx) -> None:
-    log = ctx.log_path(ctx.step)
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *ctx.sizes.bench[ctx.step], "--device", ctx.sizes.device]
+    log, rows = ctx.log_path(ctx.step), ctx.work / f"{ctx.step}.rows.jsonl"
+    rows.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), *ctx.sizes.bench[ctx.step], "--device", ctx.sizes.device,
+           "--rows", str(rows)]
     rc = run_logged(cmd, log, ctx.deadline)
-    for row in bench_rows(log):
-        status = "failed: " + row_failure(log, row) if row["images_per_sec"] is None else "ok"
-        ctx.add(f"depth {row.pop('depth')}: {row.pop('setting')}", status,
+    for row in bench_rows(rows):
+        error = row.pop("error", None)
+        ctx.add(f"depth {row.pop('depth')}: {row.pop('setting')}", f"failed: {error}" if error else "ok",
                 **{key: v for key, v in row.items() if v is not None})
     if rc is None or rc:
         ctx.add(ctx.step, "failed: timed out" if rc is None else f"failed: exit {rc}: {last_line(log)}")
     best = max((i for i in ctx.items if i.get("speedup")), key=lambda i: i["speedup"], default=None)
     if best:
         ctx.headline = f"{best['name']}: {best['speedup']:.2f}x classic, {best['ms_per_iter']:.1f} ms/iter"
-
-
-def row_failure(log: Path, row: dict) -> str:
-    for line in log.read_text(errors="replace").splitlines():
-        if f"| {row['setting']} | failed: " in line:
-            return line.split("failed: ", 1)[1].split("|")[0].strip()
-    return "no number"
 
 
 # --------------------------------------------------------------------------------------------------
