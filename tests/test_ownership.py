@@ -150,6 +150,28 @@ def test_a_sweep_whose_jobs_all_completed_exits_0(short_sweep):
     assert "failed: " not in proc.stderr and failed_jobs(short_sweep.fresh()) == []
 
 
+def test_a_new_sweep_into_a_folder_that_holds_a_sweeps_runs_is_refused_and_writes_nothing(short_sweep):
+    sweep = short_sweep.fresh()
+    before = _files(sweep)
+    proc = run_train("-m", *SHORT, "seed=1,2,3", f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: hydra.sweep.dir={sweep} already holds a sweep's runs (0_full_preact_110: a checkpoint); "
+        f"continue it with trainer.resume={sweep}, or choose another hydra.sweep.dir (it is left as it was)")
+    assert _files(sweep) == before
+
+
+def test_a_resumed_sweep_that_finds_a_job_done_drops_an_earlier_starts_failure_note(short_sweep):
+    sweep = short_sweep.fresh()
+    job = sweep / "0_full_preact_110"
+    summary = json.loads((job / "summary.json").read_text())
+    write_summary(job, {**summary, "failed_resume": "RunExists: an earlier start could not continue it"})
+    assert [d.name for d, _ in failed_jobs(sweep)] == [job.name]
+    proc = run_train(f"trainer.resume={sweep}")  # exit 0: both jobs done, none failed this time
+    assert "failed: " not in proc.stderr and failed_jobs(sweep) == []
+    assert json.loads((job / "summary.json").read_text()) == summary
+
+
 def _job(sweep: Path, name: str, summary=None, text=None) -> Path:
     job = sweep / name
     (job / ".hydra").mkdir(parents=True)

@@ -21,11 +21,11 @@ from idmap import IdmapError, report_failure
 from idmap.config import check_config, checked
 from idmap.run.resume import already_done, composable, quoted
 from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, Status, RunInUse, check_contained, checkpoint_path,
-                          has_lock_file, lock_run_dir, read_summary, results_held, unlock_run_dir,
+                          has_lock_file, lock_run_dir, read_summary, results_held, run_dirs, unlock_run_dir,
                           write_hydra_record)
 from idmap.train.runtime import Interrupted, resolve_device
 from idmap.train.state import RunExists, refuse_checkpoint_without_resume
-from idmap.run.sweep_status import note_failed_resume, record_failure, sweep_progress
+from idmap.run.sweep_status import clear_failed_resume, note_failed_resume, record_failure, sweep_progress
 from idmap.train.trainer import train
 
 log = logging.getLogger("idmap")
@@ -268,13 +268,30 @@ def check_can_make(folder: Path, setting: str) -> None:
         raise IdmapError(f"cannot make {folder} ({why}); choose another {setting}")
 
 
+def _resumes(argv: list[str]) -> bool:
+    values = [a.partition("=")[2] for a in argv if a.partition("=")[0].lstrip("+") == "trainer.resume"]
+    return bool(values) and values[-1].strip().lower() not in ("false", "null", "")
+
+
+def _refuse_held_sweep(sweep_dir: Path) -> None:
+    """A new sweep into a folder whose jobs hold runs is refused before Hydra or a job writes there:
+    its job folders would be those runs' (each refused, with Hydra's log lines and a failure record
+    added to it). A sweep is continued with trainer.resume."""
+    for run_dir in run_dirs([sweep_dir]) if Path(sweep_dir).is_dir() else ():
+        held = "a checkpoint" if checkpoint_path(run_dir).is_file() else results_held(run_dir)
+        if held:
+            raise RunExists(f"hydra.sweep.dir={sweep_dir} already holds a sweep's runs ({run_dir.name}: {held}); "
+                            f"continue it with trainer.resume={sweep_dir}, or choose another hydra.sweep.dir "
+                            f"(it is left as it was)")
+
+
 def before_hydra(argv: list[str]) -> list[str]:
     """A single run's settings checked, and its run directory resolved (${now:...} included) and
     claimed, before Hydra composes and writes there: bad input is one line, and a refused start
     leaves the folder as it was. Returns the command line with that folder as hydra.run.dir, so
     that Hydra uses the one claimed; the lock stays held for the life of this process (the Hydra
-    task finds it held). A sweep's folder is only checked to be makeable: its jobs check and
-    claim their own."""
+    task finds it held). A sweep's folder is checked to be makeable and, unless the sweep resumes,
+    to hold no runs: its jobs check and claim their own."""
     from idmap.config import compose_checked, compose_config, hydra_path
 
     flags = {a for a in argv if a.startswith("-")}
@@ -286,6 +303,8 @@ def before_hydra(argv: list[str]) -> list[str]:
                                "hydra.sweep.dir")
         if sweep_dir is not None:
             check_can_make(sweep_dir, "hydra.sweep.dir")
+            if not _resumes(argv):
+                _refuse_held_sweep(sweep_dir)
         return argv
     named = [a for a in argv if a.startswith("hydra.run.dir=")]
     cfg = compose_checked(*composable(argv), *named[-1:], hydra=True)
@@ -325,6 +344,7 @@ def main(cfg: DictConfig) -> dict | None:
         check_config(cfg, hydra_choices())
         summary = already_done(cfg, run_dir) if cfg.trainer.resume else None
         if summary is not None:
+            clear_failed_resume(run_dir, summary)
             log.info("%s already %s: not run again", run_dir, summary["status"])
             return summary
         with pin_job_to_gpu(cfg.gpu_pool) as device:

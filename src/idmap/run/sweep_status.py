@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from idmap.run.resume import recorded
 from idmap.rundir import (MULTIRUN, SUMMARY, Status, mark_failed, override_key, read_summary, read_sweep_plan, run_dirs,
-                          update_summary)
+                          update_summary, write_summary)
 
 log = logging.getLogger("idmap")
 
@@ -36,6 +36,13 @@ def note_failed_resume(run_dir: Path, exc: Exception) -> None:
     with contextlib.suppress(Exception):  # recording must not hide the failure being recorded
         if read_summary(run_dir)["status"] == Status.COMPLETED:
             update_summary(run_dir, failed_resume=f"{type(exc).__name__}: {exc}")
+
+
+def clear_failed_resume(run_dir: Path, summary: dict) -> None:
+    """A start that found the job done (resume.already_done) did not fail it: an earlier start's
+    note goes, so that the sweep's end no longer names the job."""
+    if summary.get("failed_resume"):
+        write_summary(run_dir, {k: v for k, v in summary.items() if k != "failed_resume"})
 
 
 def swept_values(task_overrides: list[str], sweeper_params: dict | None) -> dict[str, int]:
