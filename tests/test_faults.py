@@ -149,10 +149,14 @@ def test_a_truncated_checkpoint_gives_a_clear_error_naming_the_file(four_iterati
     run_dir = four_iterations.fresh()
     ckpt = run_dir / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    proc = run_train(*TINY, f"hydra.run.dir={run_dir}", "trainer.resume=true", check=False)
-    assert proc.returncode == 2
-    assert str(ckpt) in proc.stderr and "Move it aside" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    (run_dir / ".lock").unlink(missing_ok=True)  # a copied run: not even the lock file is made
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run_train(*TINY, f"hydra.run.dir={run_dir}", "trainer.resume=true", "trainer.max_iters=8", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint {ckpt} is unreadable (") and line.endswith(
+        "point at an intact copy of the run's own checkpoint, or start the run afresh in another run directory")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # not a log line added
 
 
 def test_an_existing_run_is_never_silently_overwritten(four_iterations):

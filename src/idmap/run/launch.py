@@ -23,6 +23,7 @@ from idmap.run.resume import already_done, composable, quoted
 from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, Status, RunInUse, check_contained, checkpoint_path,
                           has_lock_file, lock_run_dir, read_summary, results_held, run_dirs, unlock_run_dir,
                           write_hydra_record)
+from idmap.train.checkpoint import load_checkpoint
 from idmap.train.runtime import Interrupted, resolve_device
 from idmap.train.state import RunExists, refuse_checkpoint_without_resume
 from idmap.run.sweep_status import clear_failed_resume, note_failed_resume, record_failure, sweep_progress
@@ -214,13 +215,16 @@ def run(cfg: DictConfig, run_dir: str | Path, choices: dict | None = None, on_st
 def claim(run_dir: Path, resume: bool) -> bool:
     """Takes `run_dir` for this process (True when newly taken), or refuses, leaving it as it was: a
     folder in use by another run, or holding a run that this start cannot continue (a checkpoint
-    without trainer.resume; results without a checkpoint to continue them from)."""
+    without trainer.resume, or one that cannot be read; results without a checkpoint to continue
+    them from)."""
     try:
         check_contained(run_dir)  # a link that leads out of it would carry a write elsewhere
     except IdmapError as exc:
         raise RunExists(str(exc)) from None
     if not has_lock_file(run_dir):  # checked before the lock file is made: a refusal creates nothing
         _refuse_overwrite(run_dir, resume)
+    if resume and checkpoint_path(run_dir).is_file():
+        load_checkpoint(run_dir)  # readable: a refusal comes before a log line is written into the run
     taken = lock_run_dir(run_dir)
     try:
         _refuse_overwrite(run_dir, resume)  # again: a run may have ended here since

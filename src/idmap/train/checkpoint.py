@@ -38,9 +38,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:  # truncated zip, bad pickle, or objects that are not plain data
         # Never torch's own advice for objects that are not plain data: loading them could run code.
         why = ("it holds objects other than tensors and plain data, which idmap never loads"
-               if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) else one_line(exc)[:200])
+               if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc) else _clipped(one_line(exc)))
         raise IdmapError(f"checkpoint {path} is unreadable ({why}). It may be truncated or not written by "
-                         f"idmap. Move it aside to start the run afresh, or point at an intact copy") from None
+                         f"idmap: {_WHAT_TO_DO}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise IdmapError(f"{path} is not an idmap checkpoint (format {FORMAT})")
     config = state.get("config")
@@ -50,9 +50,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+# A run's results are never overwritten (run.launch.claim), so moving a bad checkpoint aside would not
+# let its run start again in the same folder: another folder it is.
+_WHAT_TO_DO = "point at an intact copy of the run's own checkpoint, or start the run afresh in another run directory"
+
+
+def _clipped(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def _not_fitting(path: str | Path, why: str) -> str:
     return (f"checkpoint {checkpoint_path(path)} does not fit ({why}); it was written for another model or by "
-            f"another program: point at the run's own checkpoint, or move it aside to start the run afresh")
+            f"another program: {_WHAT_TO_DO}")
 
 
 @contextlib.contextmanager
