@@ -68,8 +68,7 @@ def test_the_exit_codes_of_every_script_come_from_one_place():
     assert run_command(bad_input, []) == 2
     assert run_command(bad_place, []) == 2
     assert run_command(bug, []) == 1
-    with pytest.raises(KeyError):
-        run_command(bug, ["--debug"])
+    assert run_command(bug, ["--debug"]) == 1 and run_command(bad_input, ["--debug"]) == 2  # the same codes
     assert run_command(lambda argv: len(argv), ["a", "--debug", "b"]) == 2  # --debug is not passed on
 
 
@@ -83,3 +82,8 @@ def test_an_internal_error_is_one_line_with_exit_1_and_debug_shows_the_traceback
     _one_line(proc, 1, "internal error: ZeroDivisionError: division by zero (--debug shows the traceback)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--debug"], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "internal error: ZeroDivisionError: division by zero"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--no-such-flag", "--debug"],
+                          capture_output=True, text=True)  # bad input keeps its exit code with the traceback shown
+    assert proc.returncode == 2 and "Traceback" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: ")

@@ -9,13 +9,14 @@ import argparse
 import importlib
 import math
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from idmap import IdmapError, report_failure
 
 
 def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """main(argv)'s exit status; `--debug` anywhere in argv shows tracebacks instead."""
+    """main(argv)'s exit status; `--debug` anywhere in argv shows the traceback too."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -24,9 +25,9 @@ def run_command(main: Callable[[list[str]], int | None], argv: Sequence[str] | N
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if debug:
-            raise
-        return report_failure(exc, "--debug shows the traceback")
+        if debug:  # the traceback, then the same one line and exit code as without --debug
+            traceback.print_exc()
+        return report_failure(exc, "" if debug else "--debug shows the traceback")
 
 
 class ArgumentParser(argparse.ArgumentParser):
