@@ -150,6 +150,16 @@ def test_a_sweep_whose_jobs_all_completed_exits_0(short_sweep):
     assert "failed: " not in proc.stderr and failed_jobs(short_sweep.fresh()) == []
 
 
+def test_a_run_directory_that_is_a_file_is_refused_and_the_file_left_as_it_was(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    proc = run_train(*TINY, f"hydra.run.dir={notes}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {notes} is a file, not a run directory; choose another run directory")
+    assert notes.read_text() == "mine" and list(tmp_path.iterdir()) == [notes]
+
+
 def test_a_new_sweep_into_a_folder_that_holds_a_sweeps_runs_is_refused_and_writes_nothing(short_sweep):
     sweep = short_sweep.fresh()
     before = _files(sweep)

@@ -217,6 +217,8 @@ def claim(run_dir: Path, resume: bool) -> bool:
     folder in use by another run, or holding a run that this start cannot continue (a checkpoint
     without trainer.resume, or one that cannot be read; results without a checkpoint to continue
     them from)."""
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():  # (else taken for a checkpoint file)
+        raise RunExists(f"{run_dir} is a file, not a run directory; choose another run directory")
     try:
         check_contained(run_dir)  # a link that leads out of it would carry a write elsewhere
     except IdmapError as exc:
