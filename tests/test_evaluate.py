@@ -103,7 +103,11 @@ def test_missing_checkpoint_and_bad_overrides_exit_2(run, capsys, tmp_path):
     assert "nmae" in fails(capsys, run[0], "dataset.nmae=x", "-o", tmp_path)
     assert "dataset=nope" in fails(capsys, run[0], "dataset=nope", "-o", tmp_path)
     assert "trainer.device" in fails(capsys, run[0], "trainer.device=cpu", "-o", tmp_path)
-    assert "does not exist" in fails(capsys, run[0], "--data", tmp_path / "gone", "-o", tmp_path)
+    assert f"--data {tmp_path / 'gone'}: no train/ or test/ folder" in fails(capsys, run[0], "--data",
+                                                                               tmp_path / "gone", "-o", tmp_path)
+    (tmp_path / "tests_only" / "test" / "class_0").mkdir(parents=True)
+    assert "no train/ folder; an image folder is DIR/{train,test}/<class>/*" in fails(
+        capsys, run[0], "--data", tmp_path / "tests_only", "-o", tmp_path)
 
 
 def test_a_dataset_group_override_names_the_data_set(run, capsys, tmp_path):

@@ -344,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "dataset=cifar10_jpeg dataset.root=/data/cifar10-jpeg")
     p.add_argument("path", type=Path, help="run directory or checkpoint file")
     p.add_argument("overrides", nargs="*", metavar="dataset...=VALUE", help="data set to evaluate on")
-    p.add_argument("--data", type=Path, help="an image folder (DIR/test/<class>/*) with the run's classes")
+    p.add_argument("--data", type=Path, help="an image folder (DIR/{train,test}/<class>/*: the test images "
+                                             "are evaluated) with the run's classes")
     p.add_argument("--label", help="what to call the evaluation data (also names the output files)")
     p.add_argument("--device", default="auto", type=cli.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=cli.number(int, 1, strict=False),
@@ -353,6 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)  # overrides may come after options
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # data loading says what takes time
     try:
+        missing = [f"{s}/" for s in ("train", "test") if args.data is not None and not (args.data / s).is_dir()]
+        if missing:  # named as the flag given, before the data loader names dataset.root
+            raise IdmapError(f"--data {args.data}: no {' or '.join(missing)} folder; an image folder is "
+                             f"DIR/{{train,test}}/<class>/*")
         result = evaluate_checkpoint(args.path, args.overrides, args.data, args.label, args.device,
                                      args.batch_size)
         paths = write_evaluation(result, args.out or checkpoint_path(args.path).parent)
