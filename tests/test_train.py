@@ -122,6 +122,21 @@ def test_torch_preset_is_the_epoch_recipe(tmp_path):
     assert list(cfg.optim.milestone_epochs) == [80, 121]  # the Torch code's 1-based epochs 81 and 122
 
 
+def test_a_length_or_lr_drops_in_iterations_that_epochs_would_replace_are_refused():
+    from idmap import IdmapError
+    from idmap.config import compose_checked
+
+    with pytest.raises(IdmapError, match=r"^trainer.max_iters=4 is ignored while trainer.epochs=200 sets the length "
+                                         r"\(as in protocol=torch\): give the length as trainer.epochs, or set "
+                                         r"trainer.epochs=null$"):
+        compose_checked("protocol=torch", "trainer.max_iters=4")
+    with pytest.raises(IdmapError, match=r"^optim.milestones=\[10, 20\] are ignored while optim.milestone_epochs="
+                                         r"\[80,121\] set the LR drops"):
+        compose_checked("protocol=torch", "optim.milestones=[10,20]")
+    cfg = compose_checked("protocol=torch", "trainer.epochs=null", "trainer.max_iters=4")  # counted in iterations
+    assert cfg.trainer.max_iters == 4 and cfg.optim.milestone_epochs is not None
+
+
 def test_batch_stream_gives_full_batches_and_every_image_once_per_epoch():
     stream = BatchStream(10, torch.Generator().manual_seed(0))
     seen = torch.cat([stream.next(4) for _ in range(5)])  # 20 = two epochs, batches straddle them

@@ -372,6 +372,10 @@ def hydra_path(cfg, key: str) -> Optional[Path]:
         instance.cfg = before
 
 
+def _short(v) -> str:  # 200.0 as the user wrote it, 200
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def _joint(cfg) -> list[tuple[bool, str]]:
     """Checks of keys taken together (each key alone already passed)."""
     from idmap.models.orderings import ORDERINGS
@@ -386,6 +390,14 @@ def _joint(cfg) -> list[tuple[bool, str]]:
         (not (cfg.gpu_pool.enabled and t.world_size > 1),
          "gpu_pool gives each job one GPU; it cannot run trainer.world_size > 1 processes"),
         (not (cfg.optim.nesterov and cfg.optim.momentum == 0), "optim.nesterov=true needs optim.momentum > 0"),
+        # A length or LR drops in iterations that epochs replace would be ignored without a word.
+        (t.epochs is None or t.max_iters == default("trainer.max_iters"),
+         f"trainer.max_iters={t.max_iters} is ignored while trainer.epochs={_short(t.epochs)} sets the length "
+         f"(as in protocol=torch): give the length as trainer.epochs, or set trainer.epochs=null"),
+        (cfg.optim.milestone_epochs is None or list(cfg.optim.milestones) == default("optim.milestones"),
+         f"optim.milestones={list(cfg.optim.milestones)} are ignored while optim.milestone_epochs="
+         f"[{','.join(map(_short, cfg.optim.milestone_epochs or []))}] set the LR drops: give them in "
+         f"epochs, or set optim.milestone_epochs=null"),
         (not (m.widths and m.units_per_stage) or len(m.widths) == len(m.units_per_stage),
          f"model.widths {list(m.widths or [])} and model.units_per_stage {list(m.units_per_stage or [])} "
          f"must name the same number of stages"),
