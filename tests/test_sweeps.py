@@ -207,6 +207,20 @@ def test_next_numbers_the_seeds_after_each_lines_own_and_merges_a_grid(tmp_path,
     assert f"hydra.sweep.dir={tmp_path / 'sweep_next1'}" in args
 
 
+def test_next_names_a_pair_that_would_need_more_than_max_next_seeds_instead_of_a_command(tmp_path, capsys):
+    from idmap.analysis.sweep_table import MAX_NEXT_SEEDS
+
+    d = lr_sweep(tmp_path, {"0.1": [10.0, 12.0, 14.0], "0.05": [10.1, 12.1, 14.1]})  # 0.1 apart at sd 2
+    code, out, _ = report(capsys, d, "--next")
+    assert code == 0 and "python train.py" not in out
+    left_out = [l for l in out.splitlines() if l.startswith("--next")]
+    n = int(left_out[0].split(": ")[1].split()[0])
+    assert n > MAX_NEXT_SEEDS and left_out == [
+        f"--next leaves out optim.lr=0.1 vs optim.lr=0.05: {n} seeds per row would be needed (over "
+        f"{MAX_NEXT_SEEDS}), a difference small beside the seed spread",
+        f"--next: no undecided pair whose seeds needed can be estimated within {MAX_NEXT_SEEDS} per row."]
+
+
 @pytest.mark.slow
 def test_next_prints_a_runnable_command_whose_runs_a_second_report_pools(tmp_path, capsys):
     tiny = [o for o in TINY if not o.startswith("trainer.max_iters")] + ["trainer.max_iters=20"]

@@ -226,13 +226,19 @@ def undecided_pairs(lines: Sequence[Line], table: Optional[Sweep] = None) -> Lis
     return pairs + ([(l, l.baseline) for l in undecided(table)] if table else [])
 
 
+# A difference that would take more seeds than this per row is small beside its seed spread: --next
+# names it instead of printing a command of thousands of runs (the paper's tables rest on 5 seeds).
+MAX_NEXT_SEEDS = 30
+
+
 def seeds_to_add(pairs: Sequence[Tuple[Line, Line]]) -> Dict[int, Tuple[Line, List[int]]]:
     """Per line of an undecided pair (both sides), the new seeds it needs: as many as
-    stats.seeds_needed says, numbered after the highest seed the line has run."""
+    stats.seeds_needed says (pairs needing over MAX_NEXT_SEEDS left out), numbered after the
+    highest seed the line has run."""
     wanted: Dict[int, Tuple[Line, int]] = {}
     for a, b in pairs:
         n = stats.seeds_needed(a.outcomes, b.outcomes)
-        if n is None:
+        if n is None or n > MAX_NEXT_SEEDS:
             continue
         for side in (a, b):
             have = wanted.get(id(side), (side, 0))[1]
@@ -296,10 +302,14 @@ def next_report(lines: Sequence[Line], table: Optional[Sweep] = None) -> List[st
     """--next: the commands for the undecided pairs of the paper tables' `lines` and `table`."""
     pairs = undecided_pairs(lines, table)
     commands = next_commands(pairs)
+    too_many = [f"--next leaves out {a.row.key} vs {b.row.key}: {n} seeds per row would be needed (over "
+                f"{MAX_NEXT_SEEDS}), a difference small beside the seed spread"
+                for a, b in pairs if (n := stats.seeds_needed(a.outcomes, b.outcomes)) and n > MAX_NEXT_SEEDS]
     if not commands:
-        return ["--next: no undecided pair whose seeds needed can be estimated."]
+        return [*too_many, "--next: no undecided pair whose seeds needed can be estimated"
+                + (f" within {MAX_NEXT_SEEDS} per row." if too_many else ".")]
     dirs = sorted({str(r.path.parent) for pair in pairs for l in pair for r in l.runs})
-    return ["Next seeds (stats.seeds_needed for each undecided pair; then report "
+    return [*too_many, "Next seeds (stats.seeds_needed for each undecided pair; then report "
             f"{' '.join(dirs)} with the new folders):", *commands]
 
 
