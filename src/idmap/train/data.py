@@ -228,8 +228,8 @@ def _files(top: str) -> list[os.DirEntry]:
 def _list_split(root: Path, split: str) -> dict[str, list[os.DirEntry]]:
     d = root / split
     if not d.is_dir():
-        raise IdmapError(f"image folder {root} has no {split}/ folder; "
-                         f"expected {root}/train/<class>/* and {root}/test/<class>/*")
+        raise IdmapError(f"image folder {root} has no {split}/ folder; expected {root}/train/<class>/* and "
+                         f"{root}/test/<class>/*: set dataset.root=<dir with train/ and test/>")
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
     files = {c: sorted(_files(str(d / c)), key=lambda e: e.path) for c in classes}
     if not any(files.values()):
