@@ -263,3 +263,10 @@ def test_a_resumed_sweep_names_a_completed_job_it_could_not_continue(tmp_path):
     ((folder, reason),) = failed_jobs(sweep)
     assert folder == job and reason.startswith("completed at iteration 4, but resuming it failed: IdmapError: "
                                                f"checkpoint {job / 'checkpoint.pt'} is unreadable")
+
+
+def test_bench_names_a_rows_file_it_could_not_write_before_it_measures_anything(tmp_path, capsys):
+    rows = tmp_path / "absent" / "rows.jsonl"
+    one_line(capsys, cli.bench(["--device", "cpu", "--depths", "8", "--rows", str(rows)]),
+             f"--rows {rows}: no folder {rows.parent}")
+    assert not rows.parent.exists()

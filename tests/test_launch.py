@@ -54,6 +54,17 @@ def test_a_run_cannot_be_shortened_below_where_it_is_and_stays_completed(short_r
     run_train(f"trainer.resume={run_dir}")  # and the plain resume still works
 
 
+def test_a_run_counted_in_epochs_is_extended_in_epochs(tmp_path):
+    run_dir = tmp_path / "run"
+    in_epochs = [o for o in SHORT if not o.startswith("trainer.max_iters")]
+    run_train(*in_epochs, "trainer.epochs=0.25", f"hydra.run.dir={run_dir}")  # 512 images, batch 32: 4 iterations
+    proc = run_train(f"trainer.resume={run_dir}", "trainer.max_iters=8", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {run_dir} counts its length in epochs (trainer.epochs=0.25); extend it with trainer.epochs=N")
+    run_train(f"trainer.resume={run_dir}", "trainer.epochs=0.5")
+    assert _summary(run_dir)["iterations"] == 8
+
+
 def test_one_job_of_an_experiment_sweep_resumes_as_one_run_in_its_folder(tmp_path):
     sweep = tmp_path / "sweep"
     run_train("+experiment=resnet20_ablation", "resnet20_ablation=original", "seed=1", *SHORT,

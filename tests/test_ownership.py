@@ -3,6 +3,7 @@ folder holding a run's results is continued only by a resume that can continue i
 exit status says whether every job gave a result."""
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from conftest import ROOT, SHORT, TINY, make_cfg, run_train
 
 from idmap.run.launch import run
 from idmap.rundir import RunInUse, lock_run_dir, unlock_run_dir, write_summary
+from idmap.train.state import RunExists
 from idmap.run.sweep_status import failed_jobs
 
 
@@ -169,6 +171,21 @@ def test_a_new_sweep_into_a_folder_that_holds_a_sweeps_runs_is_refused_and_write
         f"error: hydra.sweep.dir={sweep} already holds a sweep's runs (0_full_preact_110: a checkpoint); "
         f"continue it with trainer.resume={sweep}, or choose another hydra.sweep.dir (it is left as it was)")
     assert _files(sweep) == before
+
+
+def test_only_a_sweeps_folder_is_refused_and_a_sweep_whose_settings_resume_is_not(short_run, tmp_path):
+    from idmap.run.launch import _refuse_held_sweep, _resumes
+    from idmap.run.resume import quoted
+
+    folder = tmp_path / "runs"
+    shutil.copytree(short_run.fresh(), folder / "r1")  # a folder of single runs: a new job folder is new
+    _refuse_held_sweep(folder)
+    (folder / "multirun.yaml").write_text("{}\n")  # a sweep's: its jobs' folders would be taken again
+    with pytest.raises(RunExists, match=r"already holds a sweep's runs \(r1: a checkpoint\)"):
+        _refuse_held_sweep(folder)
+    assert not _resumes(["-m", "seed=1,2", f"hydra.sweep.dir={quoted(folder)}"])
+    assert _resumes(["-m", "seed=1,2", "trainer.resume=true"])
+    assert _resumes(["-m", "seed=1,2", "+launcher=slurm"])  # conf/launcher/slurm.yaml resumes its jobs
 
 
 def test_a_resumed_sweep_that_finds_a_job_done_drops_an_earlier_starts_failure_note(short_sweep):

@@ -269,6 +269,11 @@ def lock_run_dir(run_dir: Path) -> bool:
     return True
 
 
+def holds_lock(run_dir: Path) -> bool:
+    """Whether this process holds the run directory's lock (lock_run_dir)."""
+    return os.path.realpath(run_dir) in _HELD
+
+
 def unlock_run_dir(run_dir: Path) -> None:
     fd = _HELD.pop(os.path.realpath(run_dir), None)
     if fd is not None:

@@ -317,6 +317,8 @@ def parse_args(argv):
         p.error("--iters, --warmup, --batch-size and --num-train must be positive, --workers >= 0")
     if args.batch_size > args.num_train:
         p.error("--batch-size is larger than --num-train")
+    if args.rows and not args.rows.parent.is_dir():  # said now, not after the first row's minutes
+        p.error(f"--rows {args.rows}: no folder {args.rows.parent}")
     check_overrides([f"block={args.block}"])  # a name, never a path to some YAML
     return args
 

@@ -20,9 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from idmap import IdmapError, report_failure
 from idmap.config import check_config, checked
 from idmap.run.resume import already_done, composable, quoted
-from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, SUMMARY, DiskFull, Status, RunInUse, check_contained, checkpoint_path,
-                          has_lock_file, lock_run_dir, read_summary, results_held, run_dirs, unlock_run_dir,
-                          write_hydra_record)
+from idmap.rundir import (HYDRA_DIR, HYDRA_LOG, MULTIRUN, SUMMARY, DiskFull, Status, RunInUse, check_contained,
+                          checkpoint_path, has_lock_file, holds_lock, lock_run_dir, read_summary, results_held,
+                          run_dirs, unlock_run_dir, write_hydra_record)
 from idmap.train.checkpoint import load_checkpoint
 from idmap.train.runtime import Interrupted, resolve_device
 from idmap.train.state import RunExists, refuse_checkpoint_without_resume
@@ -225,7 +225,7 @@ def claim(run_dir: Path, resume: bool) -> bool:
         raise RunExists(str(exc)) from None
     if not has_lock_file(run_dir):  # checked before the lock file is made: a refusal creates nothing
         _refuse_overwrite(run_dir, resume)
-    if resume and checkpoint_path(run_dir).is_file():
+    if resume and checkpoint_path(run_dir).is_file() and not holds_lock(run_dir):  # (else read already)
         load_checkpoint(run_dir)  # readable: a refusal comes before a log line is written into the run
     taken = lock_run_dir(run_dir)
     try:
@@ -275,15 +275,27 @@ def check_can_make(folder: Path, setting: str) -> None:
 
 
 def _resumes(argv: list[str]) -> bool:
-    values = [a.partition("=")[2] for a in argv if a.partition("=")[0].lstrip("+") == "trainer.resume"]
-    return bool(values) and values[-1].strip().lower() not in ("false", "null", "")
+    """Whether a sweep's jobs resume: trainer.resume as its settings compose it (conf/launcher/slurm
+    sets it), the swept values left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from idmap.config import compose_config
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        return bool(compose_config(*composable(fixed)).trainer.resume)
+    except Exception:  # a setting Hydra cannot compose: Hydra says so when the sweep starts
+        return True
 
 
 def _refuse_held_sweep(sweep_dir: Path) -> None:
-    """A new sweep into a folder whose jobs hold runs is refused before Hydra or a job writes there:
-    its job folders would be those runs' (each refused, with Hydra's log lines and a failure record
-    added to it). A sweep is continued with trainer.resume."""
-    for run_dir in run_dirs([sweep_dir]) if Path(sweep_dir).is_dir() else ():
+    """A new sweep into the folder of one whose jobs hold runs is refused before Hydra or a job
+    writes there: its job folders (numbered from 0 again) would be those runs' (each refused, with
+    Hydra's log lines and a failure record added to it). That sweep is continued with trainer.resume."""
+    if not (Path(sweep_dir) / MULTIRUN).is_file():  # not a sweep's folder: each job checks its own
+        return
+    for run_dir in run_dirs([sweep_dir]):
         held = "a checkpoint" if checkpoint_path(run_dir).is_file() else results_held(run_dir)
         if held:
             raise RunExists(f"hydra.sweep.dir={sweep_dir} already holds a sweep's runs ({run_dir.name}: {held}); "

@@ -68,11 +68,12 @@ def _resume_run(path: Path, rest: list[str]) -> list[str]:
         raise IdmapError(f"{path} is one run: resume it without -m (or resume its sweep directory)")
     own = _replayed(read_overrides(path), hydra_overrides_path(path))
     args = _last_per_key([*own, *rest, "trainer.resume=true"])
-    task = composable(args)
-    new = _refuse_other_settings(path, task)
-    if new["trainer"].get("epochs") and any(override_key(a) == "trainer.max_iters" for a in rest):
-        raise IdmapError(f"{path} counts its length in epochs (trainer.epochs={new['trainer']['epochs']}); "
-                         f"extend it with trainer.epochs=N")
+    given = {override_key(a): a.partition("=")[2] for a in rest}
+    epochs = given.get("trainer.epochs", (read_hydra_config(path).get("trainer") or {}).get("epochs"))
+    if epochs not in (None, "null") and "trainer.max_iters" in given:  # said before the config's own rule
+        raise IdmapError(f"{path} counts its length in epochs (trainer.epochs={epochs}); extend it with "
+                         f"trainer.epochs=N")
+    new = _refuse_other_settings(path, composable(args))
     _refuse_shortening(path, new)
     # hydra.mode=RUN: a job of an experiment sweep (+experiment=... sets MULTIRUN) resumes as one run.
     return [*args, "hydra.mode=RUN", f"hydra.run.dir={quoted(path)}"]
