@@ -382,7 +382,11 @@ def run_recipe(tmp_path: Path, fail_pip: bool) -> tuple[int, str]:
     (bin_dir / "python3").write_text(
         f'#!/bin/sh\necho "$@" >> {tmp_path}/calls\n'
         f'if [ "$2" = pip ]; then exit {int(fail_pip)}; fi\n'
-        f'setsid sleep 300 & echo "$!" > {tmp_path}/left; echo "-$!" > "$OUT/{gpu_check.RUNNING_PGIDS}"; exit 1\n')
+        # The group is listed once it exists: the child writes its pid after setsid (a loaded
+        # machine may not have run setsid yet when `$!` is known).
+        f"setsid sh -c 'echo $$ > {tmp_path}/left.tmp && mv {tmp_path}/left.tmp {tmp_path}/left; exec sleep 300' &\n"
+        f'while [ ! -s {tmp_path}/left ]; do sleep 0.01; done\n'
+        f'echo "-$(cat {tmp_path}/left)" > "$OUT/{gpu_check.RUNNING_PGIDS}"; exit 1\n')
     (bin_dir / "python3").chmod(0o755)
     command = recipe().replace("/tmp/", f"{tmp_path}/")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(out)}
@@ -399,5 +403,7 @@ def test_the_recipe_ends_every_process_a_check_left_running(tmp_path):
     rc, calls = run_recipe(tmp_path, fail_pip=False)
     assert rc == 1 and "scripts/gpu_check.py --part 1" in calls  # the check's own exit status
     left = int((tmp_path / "left").read_text())
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10  # killed at once; gone once the kernel has reaped it
+    while alive(left) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not alive(left)
