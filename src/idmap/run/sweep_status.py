@@ -42,7 +42,8 @@ def clear_failed_resume(run_dir: Path, summary: dict) -> None:
     """A start that found the job done (resume.already_done) did not fail it: an earlier start's
     note goes, so that the sweep's end no longer names the job."""
     if summary.get("failed_resume"):
-        write_summary(run_dir, {k: v for k, v in summary.items() if k != "failed_resume"})
+        with contextlib.suppress(Exception):  # a courtesy to the sweep's end: never fail the job for it
+            write_summary(run_dir, {k: v for k, v in summary.items() if k != "failed_resume"})
 
 
 def swept_values(task_overrides: list[str], sweeper_params: dict | None) -> dict[str, int]:
