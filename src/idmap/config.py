@@ -41,9 +41,11 @@ class Role(Enum):
     PER_RUN = "not repeated by a sweep report's --next commands (they give new seeds and start afresh)"
     STEP_COST = "what one training step's time depends on (idmap-plan times one model per distinct value)"
     HPARAM = "a column of TensorBoard's HParams view"
+    VIEW = "not which images a data set holds (evaluate's 'the run's own data' ignores it)"
 
 
-R, S, P, N, C, H = Role.RESUMABLE, Role.SWITCH, Role.POOLED, Role.PER_RUN, Role.STEP_COST, Role.HPARAM
+R, S, P, N, C, H, V = (Role.RESUMABLE, Role.SWITCH, Role.POOLED, Role.PER_RUN, Role.STEP_COST, Role.HPARAM,
+                       Role.VIEW)
 
 
 class Rule(NamedTuple):
@@ -152,11 +154,11 @@ class DatasetConfig:
                         help="the data (conf/dataset/ holds ready-made settings)")
     root: str = setting("${oc.env:IDMAP_DATA,data}", TEXT, R, help="where the data sets are (or are downloaded to)")
     download: bool = setting(True, BOOL, R, help="download the official archives when missing")
-    label: str = setting("", _rule(lambda v: isinstance(v, str), "a string"), R,
+    label: str = setting("", _rule(lambda v: isinstance(v, str), "a string"), R, V,
                          help="what reports call the data, e.g. 'CIFAR-10 (JPEG copy)'; empty: the loader's name")
-    normalization: str = setting("channel", _choice(NORMALIZATIONS),
+    normalization: str = setting("channel", _choice(NORMALIZATIONS), V,
                                  help="channel: per-channel mean and std; pixel: per-pixel mean (the paper's v1)")
-    augment: bool = setting(True, BOOL, help="zero-pad 4, random 32x32 crop, random horizontal flip")
+    augment: bool = setting(True, BOOL, V, help="zero-pad 4, random 32x32 crop, random horizontal flip")
     num_train: int = setting(5000, _integer(1), help="synthetic only: training images")
     num_test: int = setting(1000, _integer(1), help="synthetic only: test images")
     num_classes: int = setting(10, _integer(2), C, help="synthetic only: classes")

@@ -85,10 +85,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 # `scripts/evaluate.py`: a checkpoint on its own test set or on another one with the same classes.
 # --------------------------------------------------------------------------------------------------
 RUN_STATS, EVAL_STATS = "run's training set", "evaluation set's training set"
-# Fields that do not change which images a data set holds (what "the run's own data" means).
-_NOT_DATA = ("label", "augment", "normalization")
-
-
 def _schema(*nodes) -> DictConfig:
     """`nodes` merged over DatasetConfig's defaults, so a misspelled key or a wrong type fails."""
     from idmap.config import DatasetConfig
@@ -151,8 +147,13 @@ def dataset_config(run_dataset: dict, overrides: Sequence[str] = (), data_dir: s
 
 
 def _same_data(a: DictConfig, b: DictConfig) -> bool:
+    """Whether two data sets hold the same images: equal but for their VIEW keys (config.Role)."""
+    from idmap.config import DatasetConfig, Role, with_role
+
+    view = with_role(Role.VIEW, DatasetConfig)
+
     def strip(c: DictConfig) -> dict:
-        return {k: v for k, v in OmegaConf.to_container(c).items() if k not in _NOT_DATA}
+        return {k: v for k, v in OmegaConf.to_container(c).items() if k not in view}
 
     return strip(a) == strip(b)
 
