@@ -221,6 +221,18 @@ def test_next_names_a_pair_that_would_need_more_than_max_next_seeds_instead_of_a
         f"--next: no undecided pair whose seeds needed can be estimated within {MAX_NEXT_SEEDS} per row."]
 
 
+def test_next_asks_to_report_only_the_folders_of_the_pairs_it_gives_commands_for(tmp_path, capsys):
+    near = lr_sweep(tmp_path / "near", {"0.1": [10.0, 12.0, 14.0], "0.05": [10.1, 12.1, 14.1]})  # left out
+    far = lr_sweep(tmp_path / "far", {"0.1": [10.0, 11.0, 12.0], "0.05": [12.0, 13.0, 14.0]}, max_iters=400)
+    code, out, _ = report(capsys, near, far, "--next")
+    lines = out.splitlines()
+    assert code == 0 and any(l.startswith("--next leaves out") for l in lines)
+    (then,) = [l for l in lines if l.startswith("Next seeds")]
+    assert str(far) in then and str(near) not in then
+    (command,) = [l for l in lines if l.startswith("python train.py -m")]
+    assert f"hydra.sweep.dir={far.parent / 'sweep_next1'}" in shlex.split(command)
+
+
 @pytest.mark.slow
 def test_next_prints_a_runnable_command_whose_runs_a_second_report_pools(tmp_path, capsys):
     tiny = [o for o in TINY if not o.startswith("trainer.max_iters")] + ["trainer.max_iters=20"]

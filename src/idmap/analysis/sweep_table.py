@@ -302,13 +302,16 @@ def next_report(lines: Sequence[Line], table: Optional[Sweep] = None) -> List[st
     """--next: the commands for the undecided pairs of the paper tables' `lines` and `table`."""
     pairs = undecided_pairs(lines, table)
     commands = next_commands(pairs)
+    needed = [(a, b, stats.seeds_needed(a.outcomes, b.outcomes)) for a, b in pairs]
     too_many = [f"--next leaves out {a.row.key} vs {b.row.key}: {n} seeds per row would be needed (over "
                 f"{MAX_NEXT_SEEDS}), a difference small beside the seed spread"
-                for a, b in pairs if (n := stats.seeds_needed(a.outcomes, b.outcomes)) and n > MAX_NEXT_SEEDS]
+                for a, b, n in needed if n and n > MAX_NEXT_SEEDS]
     if not commands:
         return [*too_many, "--next: no undecided pair whose seeds needed can be estimated"
                 + (f" within {MAX_NEXT_SEEDS} per row." if too_many else ".")]
-    dirs = sorted({str(r.path.parent) for pair in pairs for l in pair for r in l.runs})
+    # The folders to report with the new ones: those of the pairs the commands are for.
+    dirs = sorted({str(r.path.parent) for a, b, n in needed if n and n <= MAX_NEXT_SEEDS
+                   for l in (a, b) for r in l.runs})
     return [*too_many, "Next seeds (stats.seeds_needed for each undecided pair; then report "
             f"{' '.join(dirs)} with the new folders):", *commands]
 
