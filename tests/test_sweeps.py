@@ -216,8 +216,8 @@ def test_next_names_a_pair_that_would_need_more_than_max_next_seeds_instead_of_a
     left_out = [l for l in out.splitlines() if l.startswith("--next")]
     n = int(left_out[0].split(": ")[1].split()[0])
     assert n > MAX_NEXT_SEEDS and left_out == [
-        f"--next leaves out optim.lr=0.1 vs optim.lr=0.05: {n} seeds per row would be needed (over "
-        f"{MAX_NEXT_SEEDS}), a difference small beside the seed spread",
+        f"--next leaves out optim.lr=0.1 vs optim.lr=0.05 (synthetic, 40 iterations): {n} seeds per row would "
+        f"be needed (over {MAX_NEXT_SEEDS}), a difference small beside the seed spread",
         f"--next: no undecided pair whose seeds needed can be estimated within {MAX_NEXT_SEEDS} per row."]
 
 
@@ -226,7 +226,8 @@ def test_next_asks_to_report_only_the_folders_of_the_pairs_it_gives_commands_for
     far = lr_sweep(tmp_path / "far", {"0.1": [10.0, 11.0, 12.0], "0.05": [12.0, 13.0, 14.0]}, max_iters=400)
     code, out, _ = report(capsys, near, far, "--next")
     lines = out.splitlines()
-    assert code == 0 and any(l.startswith("--next leaves out") for l in lines)
+    assert code == 0 and any(l.startswith("--next leaves out optim.lr=0.1 vs optim.lr=0.05 (synthetic, 40 iterations)")
+                             for l in lines)  # the data and length tell it from the pair at 400
     (then,) = [l for l in lines if l.startswith("Next seeds")]
     assert str(far) in then and str(near) not in then
     (command,) = [l for l in lines if l.startswith("python train.py -m")]

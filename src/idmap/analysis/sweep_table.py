@@ -303,8 +303,8 @@ def next_report(lines: Sequence[Line], table: Optional[Sweep] = None) -> List[st
     pairs = undecided_pairs(lines, table)
     commands = next_commands(pairs)
     needed = [(a, b, stats.seeds_needed(a.outcomes, b.outcomes)) for a, b in pairs]
-    too_many = [f"--next leaves out {a.row.key} vs {b.row.key}: {n} seeds per row would be needed (over "
-                f"{MAX_NEXT_SEEDS}), a difference small beside the seed spread"
+    too_many = [f"--next leaves out {a.row.key} vs {b.row.key} ({a.data}, {a.max_iters} iterations): {n} seeds "
+                f"per row would be needed (over {MAX_NEXT_SEEDS}), a difference small beside the seed spread"
                 for a, b, n in needed if n and n > MAX_NEXT_SEEDS]
     if not commands:
         return [*too_many, "--next: no undecided pair whose seeds needed can be estimated"
