@@ -85,6 +85,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 # `scripts/evaluate.py`: a checkpoint on its own test set or on another one with the same classes.
 # --------------------------------------------------------------------------------------------------
 RUN_STATS, EVAL_STATS = "run's training set", "evaluation set's training set"
+
+
 def _schema(*nodes) -> DictConfig:
     """`nodes` merged over DatasetConfig's defaults, so a misspelled key or a wrong type fails."""
     from idmap.config import DatasetConfig
