@@ -26,8 +26,8 @@ def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_ea
     (stopped / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "iterations": 10}))
 
     kept = tmp_path / "docs" / "results" / "runs"
-    copied = results.collect(out, kept)
-    assert sorted(p.name for p in copied) == [f"{i}_full_preact_110" for i in range(4)]
+    copied, differs = results.collect(out, kept)
+    assert not differs and sorted(p.name for p in copied) == [f"{i}_full_preact_110" for i in range(4)]
     run = kept / "pair" / "0_full_preact_110"
     names = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     assert "checkpoint.pt" not in names and ".lock" not in names and "train.log" not in names
@@ -35,13 +35,21 @@ def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_ea
     assert any(n.startswith("events.out.tfevents.") for n in names)
     assert (kept / "pair" / "multirun.yaml").is_file() and not (kept / "pair" / "9_stopped").exists()
     assert (run / "summary.json").read_bytes() == (out / "pair" / "0_full_preact_110" / "summary.json").read_bytes()
-    elsewhere = tmp_path / "elsewhere"  # collecting again from another folder: the same runs, and
-    elsewhere.mkdir()                   # nothing but the "kept" lines (no page, no figures there)
+    # Collecting again, from another folder: nothing is copied twice, and nothing kept is replaced: not
+    # a sweep's multirun.yaml rewritten by a no-op resume, nor a run that has since another result.
+    (out / "pair" / "multirun.yaml").write_text("rewritten by a later resume\n")
+    rerun = out / "pair" / "1_full_preact_110" / "summary.json"
+    rerun.write_text(json.dumps({**json.loads(rerun.read_text()), "final_test_error": 0.5}))
+    before = {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
     assert cli.results([str(kept), "--collect", str(out)]) == 0
     said = capsys.readouterr().out.splitlines()
-    assert len(said) == 4 and all(line.startswith("kept ") for line in said) and not any(elsewhere.iterdir())
+    assert {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before
+    assert len(said) == 1 and said[0].startswith(f"left {kept / 'pair' / '1_full_preact_110'} as kept")
+    assert "delete the kept folder" in said[0] and not any(elsewhere.iterdir())  # no page, no figures there
 
     (kept.parent / "reading.md").write_text("What the numbers say.")
     page_path = tmp_path / "docs" / "results.md"

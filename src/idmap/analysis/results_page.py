@@ -49,23 +49,34 @@ def kept_files(run_dir: Path) -> list[Path]:
     return [p.relative_to(run_dir) for p in names if p.is_file()]
 
 
-def collect(source: Path, dest: Path) -> list[Path]:
+def collect(source: Path, dest: Path) -> tuple[list[Path], list[Path]]:
     """Copies each completed run under `source` into the same place under `dest`, with its sweep's
-    multirun.yaml; returns the runs copied. A file already there is replaced (atomically)."""
-    copied = []
+    multirun.yaml; returns the runs copied and the kept runs whose summary under `source` differs.
+    A kept file is never replaced: a completed run does not change, but a no-op resume of its sweep
+    rewrites multirun.yaml (newer help text), and a rerun in the same folder is another result, which
+    the user takes by deleting the kept copy first."""
+    copied, differs = [], []
     for run in rundir.run_dirs([source]):
         if not completed(run):
             continue
         target = dest / run.relative_to(source)
+        if (target / rundir.SUMMARY).is_file():
+            if (target / rundir.SUMMARY).read_bytes() != (run / rundir.SUMMARY).read_bytes():
+                differs.append(target)
+            continue
         files = [(run / f, target / f) for f in kept_files(run)]
         if (run.parent / rundir.MULTIRUN).is_file() and run.parent != source.parent:
             files.append((run.parent / rundir.MULTIRUN, target.parent / rundir.MULTIRUN))
+        # The summary last: it is what marks a run as kept, so an interrupted copy is redone.
+        files.sort(key=lambda pair: pair[1].name == rundir.SUMMARY)
         for src, dst in files:
+            if dst.exists():
+                continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             data = src.read_bytes()
             rundir.atomic_write(dst, lambda f: f.write(data))
         copied.append(target)
-    return copied
+    return copied, differs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,8 +243,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.collect:
         if not args.collect.is_dir():
             raise IdmapError(f"--collect {args.collect}: not a directory")
-        for run in collect(args.collect, args.runs):
+        copied, differs = collect(args.collect, args.runs)
+        for run in copied:
             print(f"kept {run}")
+        for run in differs:
+            print(f"left {run} as kept: its run under {args.collect} has another summary.json "
+                  f"(delete the kept folder to take that one)")
         if not args.out:  # collecting alone writes nothing else (no page on stdout, no figures here)
             return 0
     if not args.runs.is_dir():
