@@ -183,9 +183,9 @@ def test_packings_aggregate_counts_only_the_span_in_which_every_run_trained():
     # 1,000 img/s while both ran. The first window of each (iterations 0 to 10) is its warm-up.
     a = metrics((10, -1.0, 1000), (60, 5.0, 1000), (85, 10.0, 500))
     b = metrics((10, 4.0, 1000), (35, 10.0, 500), (85, 15.0, 1000))
-    from idmap.perf.bench import steady_rate
+    from idmap.rundir import throughput
 
-    assert steady_rate(a, 100) + steady_rate(b, 100) == pytest.approx(1500)
+    assert throughput(a, after_first=True) + throughput(b, after_first=True) == pytest.approx(1500)
     rate, seconds = together_rate([a, b], 100, after=10)
     assert (rate, seconds) == (pytest.approx(1000), pytest.approx(5))
     late = metrics((10, 11.0, 1000), (35, 13.5, 1000))  # started after a had finished

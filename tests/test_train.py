@@ -6,6 +6,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF, TINY, make_cfg, run_train
+from idmap.rundir import throughput
 from idmap.train.checkpoint import load_checkpoint, load_model
 from idmap.train.trainer import BatchStream, learning_rate, train
 
@@ -33,6 +34,8 @@ def test_end_to_end_run_writes_every_file_and_learns(tmp_path):
     assert set(metrics[0]) == {"iteration", "epoch", "lr", "train_loss", "train_error", "test_loss",
                                "test_error", "images_per_sec", "elapsed", "time"}
     assert summary["final_test_error"] == metrics[-1]["test_error"]
+    # Its windows' images over their training seconds (the batch size cancels out).
+    assert summary["images_per_sec"] == pytest.approx(60 / sum(20 / m["images_per_sec"] for m in metrics))
     assert metrics[-1]["test_error"] < metrics[0]["test_error"] or metrics[-1]["test_error"] < 30
     assert metrics[-1]["test_error"] < 60  # chance is 90%
 
@@ -42,6 +45,15 @@ def test_end_to_end_run_writes_every_file_and_learns(tmp_path):
     assert {"error/train", "error/test", "loss/train", "loss/test", "lr", "throughput/images_per_sec"} <= set(tags)
     test_curve = [e.value for e in events.Scalars("error/test")]
     assert len(test_curve) == 3 and test_curve[-1] == pytest.approx(metrics[-1]["test_error"])
+
+
+def test_a_runs_images_per_sec_is_its_images_over_its_training_seconds():
+    # 21,000 iterations at 311 images/s then 33,000 at 868 (the original ordering's CPU stretches):
+    # 54,000 iterations in 21,000/311 + 33,000/868 units of time, not the mean of the two rates.
+    windows = [{"iteration": 1000 * (k + 1), "images_per_sec": 311 if k < 21 else 868} for k in range(54)]
+    assert throughput(windows) == pytest.approx(54_000 / (21_000 / 311 + 33_000 / 868))  # ~507, not 590
+    assert throughput(windows, after_first=True) == pytest.approx(53_000 / (20_000 / 311 + 33_000 / 868))
+    assert throughput([{"iteration": 10, "images_per_sec": None}]) is None
 
 
 def test_a_two_job_multirun_gives_two_run_dirs(tmp_path):

@@ -112,9 +112,15 @@ def _hours(seconds: Optional[float]) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}"
 
 
+def _rate(run_dir: Path) -> Optional[float]:
+    # From the metrics, not summary.json: runs kept before the summary's rate became images over
+    # training seconds hold a plain mean of their windows' rates there.
+    return rundir.throughput(rundir.read_metrics(run_dir))
+
+
 def run_table(runs: Sequence[Run], root: Path) -> list[str]:
     lines = ["| run | final test error (%) | iterations | device | precision | torch | commit | ended (UTC) "
-             "| wall time | images/s | command |", "|" + "---|" * 11]
+             "| wall time | images/s (training) | command |", "|" + "---|" * 11]
     for run in runs:
         s = rundir.read_summary(run.path)
         config = s.get("config") or {}
@@ -122,7 +128,7 @@ def run_table(runs: Sequence[Run], root: Path) -> list[str]:
             f"`{run.path.relative_to(root)}`", "" if run.final_test_error is None else f"{run.final_test_error:.2f}", str(s.get("iterations")),
             s.get("device_name") or s.get("device", ""), (config.get("trainer") or {}).get("precision", ""),
             s.get("torch_version", ""), (s.get("git_commit") or "")[:10], (s.get("ended") or "").replace("+00:00", ""),
-            _hours(s.get("wall_time_s")), f"{s['images_per_sec']:,.0f}" if s.get("images_per_sec") else "",
+            _hours(s.get("wall_time_s")), f"{rate:,.0f}" if (rate := _rate(run.path)) else "",
             f"`{command(run)}`"]) + " |")
     return lines
 

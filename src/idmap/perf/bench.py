@@ -36,7 +36,7 @@ from idmap.train import data as datamod
 from idmap.config import compose_config
 from idmap.models.resnet import build_resnet, model_kwargs
 from idmap.paths import CONF
-from idmap.rundir import Status, read_metrics
+from idmap.rundir import Status, read_metrics, throughput
 from idmap.train.runtime import Interrupted, device_name, set_tf32
 from idmap.train.inputs import PAD
 from idmap.train.trainer import learning_rate, train
@@ -199,15 +199,7 @@ def project(cfg, args, device: torch.device) -> tuple[float, float | None]:
         metrics = read_metrics(run_dir)
         if summary["status"] != Status.COMPLETED or len(metrics) < 2:
             raise RuntimeError(f"run {summary['status']} after {summary['iterations']} iterations")
-    return steady_rate(metrics, args.batch_size), summary["peak_memory_mb"]  # as summary.json has it
-
-
-def steady_rate(metrics: list[dict], batch: int) -> float:
-    """images/s over a run's throughput windows after its first (start-up, compile, autotuning):
-    total images over total seconds. `metrics`: metrics.jsonl's entries, at least two."""
-    iters = [b["iteration"] - a["iteration"] for a, b in zip(metrics, metrics[1:])]
-    seconds = sum(n * batch / m["images_per_sec"] for n, m in zip(iters, metrics[1:]))
-    return sum(iters) * batch / seconds
+    return throughput(metrics, after_first=True), summary["peak_memory_mb"]  # as summary.json has it
 
 
 def trainer_overrides(args, depth: int, setting: Setting) -> list[str]:

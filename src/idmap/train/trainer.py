@@ -26,7 +26,7 @@ from idmap.config import Role, checked, keys
 from idmap.train.evaluation import evaluate
 from idmap.train.inputs import Inputs
 from idmap.models.resnet import build_resnet, count_parameters, model_kwargs
-from idmap.rundir import CHECKPOINT, Status, Summary, git_commit
+from idmap.rundir import CHECKPOINT, Status, Summary, git_commit, throughput
 from idmap.train.runlog import RunLog
 from idmap.train.runtime import (COMPILE_MODES, SGD_IMPLS, Interrupted, StopFlag, autocast, configure, device_name,
                            resolve_device)
@@ -135,7 +135,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
         final_train_error=last.get("train_error"),
         best_test_error=state.best_test_error,
         wall_time_s=state.elapsed,
-        images_per_sec=_mean([m["images_per_sec"] for m in metrics]),
+        images_per_sec=throughput(metrics),  # training time only
         peak_memory_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
         error=f"non-finite loss by iteration {state.iteration}" if status == Status.DIVERGED else None,
         ended=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -304,11 +304,6 @@ class Loop:
             dist.barrier()
         start, start_it = self.window
         self.window = (start + time.perf_counter() - began, start_it)
-
-
-def _mean(values):
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
 
 
 def hparams(cfg: DictConfig) -> dict:
