@@ -71,9 +71,13 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, straight):
     _wait_for_checkpoint(proc, run_dir)
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
-    assert load_checkpoint(run_dir)["iteration"] < 120  # killed mid-run
+    killed_at = load_checkpoint(run_dir)["iteration"]
+    assert killed_at < 120  # killed mid-run
     run_train(*EXACT, f"hydra.run.dir={run_dir}", "trainer.resume=true")
     _assert_same_run(run_dir, straight)
+    # The killed process's segment ends at its last checkpoint: what it trained after is trained again.
+    segments = json.loads((run_dir / "summary.json").read_text())["segments"]
+    assert [s["iterations"] for s in segments] == [[0, killed_at], [killed_at, 120]]
 
 
 @pytest.mark.slow

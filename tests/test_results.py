@@ -87,6 +87,32 @@ def test_bf16_is_kept_only_when_each_of_its_errors_lies_inside_the_fp32_seeds_ra
     assert len(one) == 1 and "undecided" in one[0] and "should use" not in one[0] and "faithful" not in one[0]
 
 
+def test_a_run_trained_in_several_stretches_says_where_each_ran(tmp_path):
+    def kept(name, segments):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps({"status": "completed", "segments": segments}))
+        return Run(run_dir, "completed", 8.0, {}, "synthetic", 20, 1)
+
+    def segment(first, last, start, end, threads, commit):
+        return {"iterations": [first, last], "elapsed": [start, end], "device_name": f"CPU ({threads})",
+                "torch_version": "2.14.1", "git_commit": commit, "started": "2026-12-06T09:30:00+00:00"}
+
+    runs = [kept("alone", [segment(0, 64000, 0, 9000, "2 threads", "a" * 40)]),   # one process: no line
+            kept("before", []),                                                   # kept before segments
+            kept("resumed", [segment(0, 21440, 0, 7200, "1 thread", "b" * 40),
+                             segment(21440, 64000, 7200, 12600, "2 threads", "c" * 40)]),
+            kept("older", [segment(49706, 64000, 20000, 26000, "1 thread", "d" * 40)])]
+    lines = results.segment_lines(runs, tmp_path)
+    said = [line for line in lines if line.startswith("- ")]
+    assert said == [
+        "- `resumed`: 0-21,440 on CPU (1 thread), torch 2.14.1, commit bbbbbbbbbb, from 2026-12-06T09:30:00, 2h00; "
+        "21,440-64,000 on CPU (2 threads), torch 2.14.1, commit cccccccccc, from 2026-12-06T09:30:00, 1h30.",
+        "- `older`: iterations 0-49,706 not recorded (an older idmap); 49,706-64,000 on CPU (1 thread), "
+        "torch 2.14.1, commit dddddddddd, from 2026-12-06T09:30:00, 1h40."]
+    assert results.segment_lines(runs[:2], tmp_path) == []
+
+
 def test_a_folder_without_completed_runs_is_one_line_and_exit_2(tmp_path, capsys):
     assert cli.results([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -164,6 +164,22 @@ def test_train_in_process_and_reload_the_model(tmp_path, tiny_cfg):
     assert state["iteration"] == 40 and len(state["metrics"]) == 2
 
 
+def test_each_process_that_trains_a_run_is_recorded_as_a_segment(tmp_path):
+    first = train(make_cfg(*TINY, "trainer.max_iters=20", "trainer.eval_every=10"), tmp_path)
+    (segment,) = first["segments"]
+    assert segment["iterations"] == [0, 20] and segment["elapsed"] == [0.0, first["wall_time_s"]]
+    assert {k: segment[k] for k in ("device_name", "torch_version", "git_commit")} == {
+        k: first[k] for k in ("device_name", "torch_version", "git_commit")}
+    assert datetime.datetime.fromisoformat(segment["started"]) <= datetime.datetime.fromisoformat(first["ended"])
+    extended = train(make_cfg(*TINY, "trainer.max_iters=30", "trainer.eval_every=10", "trainer.resume=true"),
+                     tmp_path)  # a second process continues the run: a second segment, the first kept
+    assert [s["iterations"] for s in extended["segments"]] == [[0, 20], [20, 30]]
+    # Back to back: the second starts where the checkpoint it resumed from left the first.
+    (_, first_end), (second_start, second_end) = (s["elapsed"] for s in extended["segments"])
+    assert first_end == second_start <= first["wall_time_s"] and second_end == extended["wall_time_s"]
+    assert [s["iterations"] for s in load_checkpoint(tmp_path)["segments"]] == [[0, 20], [20, 30]]
+
+
 def test_a_non_finite_loss_ends_the_run_as_diverged(tmp_path):
     cfg = make_cfg(*TINY, "optim.lr=1e30", "optim.warmup_iters=0")
     summary = train(cfg, tmp_path)

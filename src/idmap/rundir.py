@@ -66,11 +66,15 @@ class Summary(TypedDict, total=False):
     iterations: int  # trained so far
     max_iters: int  # the run's length
     params: int
-    wall_time_s: float  # training time, evaluations and checkpoints aside
+    wall_time_s: float  # seconds in the training loop: training, evaluations and checkpoints
     images_per_sec: Optional[float]
     peak_memory_mb: Optional[float]
     device: str
-    device_name: str  # the CPU's model and threads too
+    device_name: str  # the CPU's model and threads too (of the last segment)
+    # One per process that trained the run (a resumed run has several): {iterations: [from, to],
+    # elapsed: the run's wall_time_s at both ends, device_name, torch_version, git_commit, started}.
+    # A run checkpointed by an older idmap lacks its earlier segments.
+    segments: list
     torch_version: str
     git_commit: Optional[str]
     seed: int

@@ -133,6 +133,26 @@ def run_table(runs: Sequence[Run], root: Path) -> list[str]:
     return lines
 
 
+def segment_lines(runs: Sequence[Run], root: Path) -> list[str]:
+    """Where each stretch of a resumed run trained (summary.json's segments: one per process); a
+    run kept before idmap recorded them, or trained by one process, has no line."""
+    lines = []
+    for run in runs:
+        segments = rundir.read_summary(run.path).get("segments") or []
+        if len(segments) < 2 and not (segments and segments[0]["iterations"][0]):
+            continue
+        parts = [] if not segments[0]["iterations"][0] else [f"iterations 0-{segments[0]['iterations'][0]:,} "
+                                                             "not recorded (an older idmap)"]
+        for seg in segments:
+            (first, last), (start, end) = seg["iterations"], seg["elapsed"]
+            parts.append(f"{first:,}-{last:,} on {seg['device_name']}, torch {seg['torch_version']}, commit "
+                         f"{(seg['git_commit'] or '')[:10]}, from {seg['started'].replace('+00:00', '')}, "
+                         f"{_hours(end - start) or '0h00'}")
+        lines.append(f"- `{run.path.relative_to(root)}`: " + "; ".join(parts) + ".")
+    return ["Runs trained in several stretches (one process each, resumed from its checkpoint):", "", *lines,
+            ""] if lines else []
+
+
 def _pairs(runs: Sequence[Run]) -> dict[tuple, dict[str, list[Run]]]:
     """Runs that differ only in seed and precision, with both fp32 and bf16 among them, by the rest
     of their overrides and then by precision."""
@@ -229,6 +249,7 @@ def page(root: Path, figures: Optional[Path], out: Optional[Path]) -> str:
         "",
         *run_table(runs, root),
         "",
+        *segment_lines(runs, root),
     ]
     return "\n".join(parts)
 

@@ -3,6 +3,7 @@ one object, so the checkpoint's writer and reader cannot disagree on a key."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,21 @@ class TrainState:
     elapsed: float = 0.0  # training seconds up to `iteration` (as saved; the loop adds its own)
     best_test_error: float | None = None
     metrics: list[dict] = field(default_factory=list)
+    segments: list[dict] = field(default_factory=list)  # rundir.Summary's: who trained which iterations
+
+    def begin_segment(self, summary: dict) -> None:
+        """This process trains from here on, as `summary` (new_summary's) describes it."""
+        self.segments.append({
+            "iterations": [self.iteration, self.iteration], "elapsed": [self.elapsed, self.elapsed],
+            # Plain str: torch.__version__ is a str subclass, which a weights-only load refuses.
+            **{k: summary[k] and str(summary[k]) for k in ("device_name", "torch_version", "git_commit")},
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+
+    def end_segment(self) -> None:
+        """This process's segment reaches the state's iteration (at each checkpoint and the end)."""
+        if self.segments:
+            self.segments[-1].update(iterations=[self.segments[-1]["iterations"][0], self.iteration],
+                                     elapsed=[self.segments[-1]["elapsed"][0], self.elapsed])
 
     def state_dict(self, sums: torch.Tensor | None = None) -> dict:
         """`sums`: all ranks' sums when several processes train (default: this process's)."""
@@ -131,7 +147,7 @@ class TrainState:
             "sums": (self.sums if sums is None else sums).cpu(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "elapsed": self.elapsed, "best_test_error": self.best_test_error, "metrics": self.metrics,
-            "config": self.config, "num_classes": self.num_classes,
+            "config": self.config, "num_classes": self.num_classes, "segments": self.segments,
         }
 
     def load_state_dict(self, state: dict, with_sums: bool = True) -> None:
@@ -149,8 +165,10 @@ class TrainState:
         self.iteration, self.elapsed = state["iteration"], state["elapsed"]
         self.best_test_error = state["best_test_error"]
         self.metrics = [m for m in state["metrics"] if m["iteration"] <= self.iteration]
+        self.segments = list(state.get("segments", []))  # none in an older idmap's checkpoint
 
     def save(self, path: Path, sums: torch.Tensor | None = None) -> None:
+        self.end_segment()
         save_checkpoint(path, self.state_dict(sums))
 
     def resume_from(self, path: Path, resume: bool, rank: int = 0) -> None:

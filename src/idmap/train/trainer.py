@@ -125,7 +125,9 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     if on_start is not None and rank == 0:
         on_start()
     summary = new_summary(cfg, state.model, data.info, device, loop.max_iters, choices or {})
+    state.begin_segment(summary)
     status, signum = loop.run()
+    state.end_segment()
     metrics = state.metrics
     last = metrics[-1] if metrics and status != Status.DIVERGED else {}
     summary.update(
@@ -135,6 +137,7 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
         final_train_error=last.get("train_error"),
         best_test_error=state.best_test_error,
         wall_time_s=state.elapsed,
+        segments=state.segments,
         images_per_sec=throughput(metrics),  # training time only
         peak_memory_mb=(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
         error=f"non-finite loss by iteration {state.iteration}" if status == Status.DIVERGED else None,
@@ -330,7 +333,7 @@ def new_summary(cfg: DictConfig, model, ds, device: torch.device, max_iters: int
         "params": count_parameters(model),
         "wall_time_s": 0.0,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "device_name": device_name(device),  # the CPU's model and threads too (of the last segment)
+        "device_name": device_name(device),  # the CPU's model and threads too (of this segment)
         "torch_version": torch.__version__,
         "git_commit": git_commit(),
         "seed": cfg.seed,
