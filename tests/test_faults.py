@@ -78,6 +78,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(tmp_path, straight):
     # The killed process's segment ends at its last checkpoint: what it trained after is trained again.
     segments = json.loads((run_dir / "summary.json").read_text())["segments"]
     assert [s["iterations"] for s in segments] == [[0, killed_at], [killed_at, 120]]
+    first_after = next(m for m in _metrics(run_dir) if m["iteration"] > killed_at)
+    assert first_after["window_from"] == killed_at  # its rate is the resumed process's alone
 
 
 @pytest.mark.slow

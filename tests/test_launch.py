@@ -102,6 +102,23 @@ def test_a_sweep_resumes_its_unfinished_jobs_in_one_command(tmp_path):
         in resume_argv([f"trainer.resume={sweep}"])
 
 
+def test_a_resumed_sweep_passes_over_a_job_finished_at_its_length_in_iterations_or_epochs(tmp_path):
+    from conftest import make_cfg
+    from idmap.run.resume import already_done
+
+    def finished(*overrides, iterations):
+        cfg = make_cfg(*overrides)
+        (tmp_path / "summary.json").write_text(json.dumps({
+            "status": "completed", "iterations": iterations, "config": {"trainer": dict(cfg.trainer)}}))
+        return cfg
+
+    cfg = finished("trainer.max_iters=64000", iterations=64000)
+    assert already_done(cfg, tmp_path) and not already_done(make_cfg("trainer.max_iters=70000"), tmp_path)
+    cfg = finished("protocol=torch", iterations=156400)  # 200 epochs: its iterations depend on the data
+    assert already_done(cfg, tmp_path) and not already_done(make_cfg("protocol=torch", "trainer.epochs=250"),
+                                                            tmp_path)
+
+
 def test_resuming_a_sweep_with_a_changed_setting_is_refused_before_anything_is_written(short_sweep):
     sweep = short_sweep.fresh()
     before = {p: p.read_bytes() for p in sweep.rglob("*") if p.is_file()}

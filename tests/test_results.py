@@ -40,6 +40,8 @@ def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_ea
     (out / "pair" / "multirun.yaml").write_text("rewritten by a later resume\n")
     rerun = out / "pair" / "1_full_preact_110" / "summary.json"
     rerun.write_text(json.dumps({**json.loads(rerun.read_text()), "final_test_error": 0.5}))
+    lost = kept / "pair" / "2_full_preact_110" / "metrics.jsonl"  # as a copy cut short leaves a kept run
+    lost.unlink()
     before = {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -47,9 +49,11 @@ def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_ea
     capsys.readouterr()
     assert cli.results([str(kept), "--collect", str(out)]) == 0
     said = capsys.readouterr().out.splitlines()
-    assert {p: p.read_bytes() for p in kept.rglob("*") if p.is_file()} == before
-    assert len(said) == 1 and said[0].startswith(f"left {kept / 'pair' / '1_full_preact_110'} as kept")
-    assert "delete the kept folder" in said[0] and not any(elsewhere.iterdir())  # no page, no figures there
+    assert {p: p.read_bytes() for p in kept.rglob("*") if p.is_file() and p != lost} == before
+    assert lost.read_bytes() == (out / "pair" / "2_full_preact_110" / "metrics.jsonl").read_bytes()
+    assert len(said) == 2 and said[0] == f"kept {lost.parent}"
+    assert said[1].startswith(f"left {kept / 'pair' / '1_full_preact_110'} as kept")
+    assert "delete the kept folder" in said[1] and not any(elsewhere.iterdir())  # no page, no figures there
 
     (kept.parent / "reading.md").write_text("What the numbers say.")
     page_path = tmp_path / "docs" / "results.md"
@@ -65,6 +69,7 @@ def test_completed_runs_are_kept_with_their_small_files_and_the_page_says_how_ea
         assert "1 thread" in row or "threads" in row  # the CPU as summary.json names it
         assert "python train.py -m " in row and "trainer.resume" not in row and "seed=" in row
     assert "fp32 seeds" in page and "bf16 seeds" in page
+    assert "predates `window_from`" not in page  # every window's rate covers the iterations it names
 
 
 def _run(precision: str, seed: int, error: float) -> Run:

@@ -32,7 +32,7 @@ def test_end_to_end_run_writes_every_file_and_learns(tmp_path):
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [20, 40, 60]
     assert set(metrics[0]) == {"iteration", "epoch", "lr", "train_loss", "train_error", "test_loss",
-                               "test_error", "images_per_sec", "elapsed", "time"}
+                               "test_error", "images_per_sec", "window_from", "elapsed", "time"}
     assert summary["final_test_error"] == metrics[-1]["test_error"]
     # Its windows' images over their training seconds (the batch size cancels out).
     assert summary["images_per_sec"] == pytest.approx(60 / sum(20 / m["images_per_sec"] for m in metrics))
@@ -54,6 +54,10 @@ def test_a_runs_images_per_sec_is_its_images_over_its_training_seconds():
     assert throughput(windows) == pytest.approx(54_000 / (21_000 / 311 + 33_000 / 868))  # ~507, not 590
     assert throughput(windows, after_first=True) == pytest.approx(53_000 / (20_000 / 311 + 33_000 / 868))
     assert throughput([{"iteration": 10, "images_per_sec": None}]) is None
+    # A resume at 1,900 starts the next window there: its rate (compile included) is 100 iterations'.
+    resumed = [{"iteration": 1000, "images_per_sec": 100.0}, {"iteration": 2000, "images_per_sec": 10.0,
+                                                               "window_from": 1900}]
+    assert throughput(resumed) == pytest.approx(1100 / (1000 / 100 + 100 / 10))
 
 
 def test_a_two_job_multirun_gives_two_run_dirs(tmp_path):
@@ -178,6 +182,9 @@ def test_each_process_that_trains_a_run_is_recorded_as_a_segment(tmp_path):
     (_, first_end), (second_start, second_end) = (s["elapsed"] for s in extended["segments"])
     assert first_end == second_start <= first["wall_time_s"] and second_end == extended["wall_time_s"]
     assert [s["iterations"] for s in load_checkpoint(tmp_path)["segments"]] == [[0, 20], [20, 30]]
+    again = train(make_cfg(*TINY, "trainer.max_iters=30", "trainer.eval_every=10", "trainer.resume=true"),
+                  tmp_path)  # a process that finds nothing left to train is no segment
+    assert [s["iterations"] for s in again["segments"]] == [[0, 20], [20, 30]]
 
 
 def test_a_non_finite_loss_ends_the_run_as_diverged(tmp_path):

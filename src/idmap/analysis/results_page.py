@@ -51,31 +51,30 @@ def kept_files(run_dir: Path) -> list[Path]:
 
 def collect(source: Path, dest: Path) -> tuple[list[Path], list[Path]]:
     """Copies each completed run under `source` into the same place under `dest`, with its sweep's
-    multirun.yaml; returns the runs copied and the kept runs whose summary under `source` differs.
-    A kept file is never replaced: a completed run does not change, but a no-op resume of its sweep
-    rewrites multirun.yaml (newer help text), and a rerun in the same folder is another result, which
-    the user takes by deleting the kept copy first."""
+    multirun.yaml; returns the runs copied (or completed: a copy cut short is finished) and the kept
+    runs whose summary under `source` differs. A kept file is never replaced: a completed run does
+    not change, but a no-op resume of its sweep rewrites multirun.yaml (newer help text), and a
+    rerun in the same folder is another result, which the user takes by deleting the kept copy."""
     copied, differs = [], []
     for run in rundir.run_dirs([source]):
         if not completed(run):
             continue
         target = dest / run.relative_to(source)
-        if (target / rundir.SUMMARY).is_file():
-            if (target / rundir.SUMMARY).read_bytes() != (run / rundir.SUMMARY).read_bytes():
-                differs.append(target)
+        kept = target / rundir.SUMMARY
+        if kept.is_file() and kept.read_bytes() != (run / rundir.SUMMARY).read_bytes():
+            differs.append(target)  # another run's files must not fill in this one's
             continue
         files = [(run / f, target / f) for f in kept_files(run)]
         if (run.parent / rundir.MULTIRUN).is_file() and run.parent != source.parent:
             files.append((run.parent / rundir.MULTIRUN, target.parent / rundir.MULTIRUN))
         # The summary last: it is what marks a run as kept, so an interrupted copy is redone.
-        files.sort(key=lambda pair: pair[1].name == rundir.SUMMARY)
+        files = sorted((pair for pair in files if not pair[1].exists()), key=lambda pair: pair[1] == kept)
         for src, dst in files:
-            if dst.exists():
-                continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             data = src.read_bytes()
             rundir.atomic_write(dst, lambda f: f.write(data))
-        copied.append(target)
+        if files:
+            copied.append(target)
     return copied, differs
 
 
@@ -131,6 +130,13 @@ def run_table(runs: Sequence[Run], root: Path) -> list[str]:
             _hours(s.get("wall_time_s")), f"{rate:,.0f}" if (rate := _rate(run.path)) else "",
             f"`{command(run)}`"]) + " |")
     return lines
+
+
+def _rate_note(runs: Sequence[Run]) -> list[str]:
+    older = [r for r in runs if any("window_from" not in m for m in rundir.read_metrics(r.path))]
+    return ["Runs whose metrics.jsonl predates `window_from` (each window's first iteration) count the "
+            "rate of a window a resume began inside over the whole window: their images/s may be off by "
+            "a few percent.", ""] if older else []
 
 
 def segment_lines(runs: Sequence[Run], root: Path) -> list[str]:
@@ -249,6 +255,7 @@ def page(root: Path, figures: Optional[Path], out: Optional[Path]) -> str:
         "",
         *run_table(runs, root),
         "",
+        *_rate_note(runs),
         *segment_lines(runs, root),
     ]
     return "\n".join(parts)

@@ -154,6 +154,9 @@ def already_done(cfg: DictConfig, run_dir: Path) -> dict | None:
     except ValueError:
         return None
     # A run already past this length (extended on its own) is done too: resuming never shortens.
-    completed = (summary["status"] == Status.COMPLETED and not cfg.trainer.epochs
-                 and (summary.get("iterations") or 0) >= cfg.trainer.max_iters)
+    # A length in epochs is compared in epochs (its iterations depend on the data set's size).
+    t, ran = cfg.trainer, ((summary.get("config") or {}).get("trainer") or {})
+    long_enough = ((ran.get("epochs") or 0) >= t.epochs if t.epochs
+                   else (summary.get("iterations") or 0) >= t.max_iters)
+    completed = summary["status"] == Status.COMPLETED and long_enough
     return summary if completed or summary["status"] == Status.DIVERGED else None

@@ -125,7 +125,8 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     if on_start is not None and rank == 0:
         on_start()
     summary = new_summary(cfg, state.model, data.info, device, loop.max_iters, choices or {})
-    state.begin_segment(summary)
+    if state.iteration < loop.max_iters:  # a resume of a finished run trains nothing: no segment
+        state.begin_segment(summary)
     status, signum = loop.run()
     state.end_segment()
     metrics = state.metrics
@@ -272,6 +273,7 @@ class Loop:
             "train_loss": train_loss / count, "train_error": 100.0 * wrong / count,
             "test_loss": test_loss, "test_error": test_error,
             "images_per_sec": (done - start_it) * self.t.batch_size / (now - start),
+            "window_from": start_it,  # the rate's first iteration: a resume starts its window late
             "elapsed": self.elapsed_before + now - self.t0,
             # When the window closed, on the wall clock: windows of runs that ran side by side
             # can then be set against each other (the GPU check's packing rows).
