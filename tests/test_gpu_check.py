@@ -183,7 +183,7 @@ def test_packings_aggregate_counts_only_the_span_in_which_every_run_trained():
     # 1,000 img/s while both ran. The first window of each (iterations 0 to 10) is its warm-up.
     a = metrics((10, -1.0, 1000), (60, 5.0, 1000), (85, 10.0, 500))
     b = metrics((10, 4.0, 1000), (35, 10.0, 500), (85, 15.0, 1000))
-    from idmap.rundir import throughput
+    from idmap.train.runlog import throughput
 
     assert throughput(a, after_first=True) + throughput(b, after_first=True) == pytest.approx(1500)
     rate, seconds = together_rate([a, b], 100, after=10)

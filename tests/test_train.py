@@ -6,7 +6,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import CONF, TINY, make_cfg, run_train
-from idmap.rundir import throughput
+from idmap.train.runlog import throughput
 from idmap.train.checkpoint import load_checkpoint, load_model
 from idmap.train.trainer import BatchStream, learning_rate, train
 

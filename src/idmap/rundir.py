@@ -17,7 +17,6 @@ import errno
 import fcntl
 import json
 import logging
-import math
 import os
 import subprocess
 import tempfile
@@ -367,21 +366,6 @@ def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> li
             if warn:
                 warn(f"{run_dir}/{METRICS}: skipped an unreadable line")
     return [r for r in rows if isinstance(r, dict) and "iteration" in r]
-
-
-def throughput(metrics: list[dict], after_first: bool = False) -> float | None:
-    """A run's images/s over its training time: total images over total seconds, each evaluation's
-    rate covering the iterations since `window_from` (a resume's window starts at the resume), or
-    in files older than that key since the evaluation before. A plain mean of the rates would weigh
-    a slow stretch as little as a fast one. `after_first` leaves out the first window (start-up,
-    compile, autotuning). None when no window has a rate."""
-    windows = list(zip([{"iteration": 0}, *metrics], metrics))[1 if after_first else 0:]
-    iterations = seconds = 0.0
-    for before, entry in windows:
-        n, rate = entry["iteration"] - entry.get("window_from", before["iteration"]), entry.get("images_per_sec")
-        if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0:
-            iterations, seconds = iterations + n, seconds + n / rate  # the batch size cancels out
-    return iterations / seconds if seconds else None
 
 
 def has_metrics(run_dir: Path) -> bool:

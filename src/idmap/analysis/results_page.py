@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 from idmap import IdmapError, cli, rundir
 from idmap.analysis import curves, report
 from idmap.analysis.run_records import Run, load_runs
+from idmap.train import runlog
 
 TENSORBOARD = "events.out.tfevents.*"
 # Keys that say how a run ran, not what it computed: left out when runs are matched into pairs.
@@ -114,7 +115,7 @@ def _hours(seconds: Optional[float]) -> str:
 def _rate(run_dir: Path) -> Optional[float]:
     # From the metrics, not summary.json: runs kept before the summary's rate became images over
     # training seconds hold a plain mean of their windows' rates there.
-    return rundir.throughput(rundir.read_metrics(run_dir))
+    return runlog.throughput(rundir.read_metrics(run_dir))
 
 
 def run_table(runs: Sequence[Run], root: Path) -> list[str]:

@@ -36,9 +36,10 @@ from idmap.train import data as datamod
 from idmap.config import compose_config
 from idmap.models.resnet import build_resnet, model_kwargs
 from idmap.paths import CONF
-from idmap.rundir import Status, read_metrics, throughput
+from idmap.rundir import Status, read_metrics
 from idmap.train.runtime import Interrupted, device_name, set_tf32
 from idmap.train.inputs import PAD
+from idmap.train.runlog import throughput
 from idmap.train.trainer import learning_rate, train
 
 PAPER_ITERS = 64_000

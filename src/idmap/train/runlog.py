@@ -1,6 +1,6 @@
 """Rank 0's log of a run as it trains: metrics.jsonl (rewritten atomically at each evaluation), the
 TensorBoard events (scalars, the paper's figure layout, hparams) and summary.json at the end;
-the files and their writes are idmap.rundir's."""
+the files and their writes are idmap.rundir's. `throughput` reads a run's rate back from its metrics."""
 
 from __future__ import annotations
 
@@ -21,6 +21,21 @@ SCALARS = [("error/train", "train_error"), ("error/test", "test_error"), ("loss/
            ("loss/test", "test_loss"), ("lr", "lr"), ("throughput/images_per_sec", "images_per_sec")]
 LAYOUT = {"paper (figures 1 and 6)": {"error (%): train and test": ["error/train", "error/test"],
                                       "loss: train and test": ["loss/train", "loss/test"]}}
+
+
+def throughput(metrics: list[dict], after_first: bool = False) -> float | None:
+    """A run's images/s over its training time: total images over total seconds, each evaluation's
+    rate covering the iterations since `window_from` (a resume's window starts at the resume), or
+    in files older than that key since the evaluation before. A plain mean of the rates would weigh
+    a slow stretch as little as a fast one. `after_first` leaves out the first window (start-up,
+    compile, autotuning). None when no window has a rate."""
+    windows = list(zip([{"iteration": 0}, *metrics], metrics))[1 if after_first else 0:]
+    iterations = seconds = 0.0
+    for before, entry in windows:
+        n, rate = entry["iteration"] - entry.get("window_from", before["iteration"]), entry.get("images_per_sec")
+        if isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0:
+            iterations, seconds = iterations + n, seconds + n / rate  # the batch size cancels out
+    return iterations / seconds if seconds else None
 
 
 def _quiet_writer_thread(args, hook=threading.excepthook) -> None:

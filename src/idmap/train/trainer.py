@@ -26,8 +26,8 @@ from idmap.config import Role, checked, keys
 from idmap.train.evaluation import evaluate
 from idmap.train.inputs import Inputs
 from idmap.models.resnet import build_resnet, count_parameters, model_kwargs
-from idmap.rundir import CHECKPOINT, Status, Summary, git_commit, throughput
-from idmap.train.runlog import RunLog
+from idmap.rundir import CHECKPOINT, Status, Summary, git_commit
+from idmap.train.runlog import RunLog, throughput
 from idmap.train.runtime import (COMPILE_MODES, SGD_IMPLS, Interrupted, StopFlag, autocast, configure, device_name,
                            resolve_device)
 from idmap.train.state import BatchStream, RunExists, TrainState
