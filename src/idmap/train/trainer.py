@@ -125,10 +125,12 @@ def train(cfg: DictConfig, run_dir: str | Path, rank: int = 0, world_size: int =
     if on_start is not None and rank == 0:
         on_start()
     summary = new_summary(cfg, state.model, data.info, device, loop.max_iters, choices or {})
-    if state.iteration < loop.max_iters:  # a resume of a finished run trains nothing: no segment
+    trains = state.iteration < loop.max_iters  # a resume of a finished run trains nothing: no segment
+    if trains:
         state.begin_segment(summary)
     status, signum = loop.run()
-    state.end_segment()
+    if trains:
+        state.end_segment()
     metrics = state.metrics
     last = metrics[-1] if metrics and status != Status.DIVERGED else {}
     summary.update(
