@@ -25,11 +25,11 @@ train() {  # train NAME THREADS [VAR=VALUE...]: one run in $WORK/NAME
 }
 
 rate() {  # images/s of run NAME after its first window
-    "$PY" - "$WORK/$1/metrics.jsonl" "${WINDOW:-100}" <<'EOF'
-import json, sys
-rows, window = [json.loads(line) for line in open(sys.argv[1])][1:], int(sys.argv[2])
-seconds = sum(window * 128 / r["images_per_sec"] for r in rows)
-print(f"{len(rows) * window * 128 / seconds:,.0f}")
+    "$PY" - "$WORK/$1" <<'EOF'
+import sys
+from idmap.rundir import read_metrics
+from idmap.train.runlog import throughput
+print(f"{throughput(read_metrics(sys.argv[1]), after_first=True):,.0f}")
 EOF
 }
 
