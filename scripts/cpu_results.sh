@@ -2,7 +2,9 @@
 # The CPU runs behind docs/results.md: the bf16-against-fp32 check, then table 2's five orderings at
 # ResNet-20. `all` runs them one after another; lanes 1 and 2 split them for two runs side by side.
 # A sweep folder that exists is resumed (trainer.resume), its completed jobs skipped, so the same
-# command continues after an interruption, or in a new session where outputs/results survived.
+# command continues after an interruption, or in a new session where outputs/results survived. A sweep
+# already kept in docs/results/runs is passed over, so on a fresh clone the same command starts the
+# first run not yet kept (an unfinished run's checkpoint does not survive a fresh clone).
 # Threads per run: OMP_NUM_THREADS (default 1); docs/benchmarks.md, "Training on the CPU", says which
 # arrangement finishes runs soonest.
 #
@@ -22,10 +24,15 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 CPU=(dataset=cifar10_jpeg trainer.device=cpu trainer.channels_last=true trainer.compile=default
      optim.impl=fused trainer.checkpoint_every=1000)
 
+KEPT=${IDMAP_RESULTS_KEPT:-docs/results/runs}  # where `scripts/results.py --collect` keeps completed runs
+
 sweep() {  # sweep NAME OVERRIDES...: start the sweep in $OUT/NAME, or resume it (its completed
-           # jobs are skipped: idmap.run.resume.already_done)
-    local dir=$OUT/$1; shift
-    if [ -f "$dir/multirun.yaml" ]; then
+           # jobs are skipped: idmap.run.resume.already_done). A sweep kept in $KEPT is done: a fresh
+           # clone, whose outputs/ is empty, goes on with the first run not yet kept.
+    local name=$1 dir=$OUT/$1; shift
+    if [ -d "$KEPT/$name" ]; then
+        echo "$name: kept in $KEPT/$name, not run again"
+    elif [ -f "$dir/multirun.yaml" ]; then
         "$PY" train.py trainer.resume="$dir"
     else
         "$PY" train.py -m "$@" hydra.sweep.dir="$dir"

@@ -1,5 +1,6 @@
 """scripts/cpu_results.sh, the CPU runs behind docs/results.md: the train.py commands it starts, that a
-second call resumes what the first began, and that a failed sweep stops its lane. A stand-in for
+second call resumes what the first began, that a sweep kept in the repo is not run again, and that a
+failed sweep stops its lane. A stand-in for
 Python records each call instead of training."""
 
 import os
@@ -14,7 +15,7 @@ def _lanes(tmp_path, exit_code=0):
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit {exit_code}\n')
     fake.chmod(0o755)
     out = tmp_path / "results"
-    env = {**os.environ, "PY": str(fake), "IDMAP_RESULTS_OUT": str(out)}
+    env = {**os.environ, "PY": str(fake), "IDMAP_RESULTS_OUT": str(out), "IDMAP_RESULTS_KEPT": str(tmp_path / "kept")}
 
     def run(*args):
         return subprocess.run(["bash", str(ROOT / "scripts" / "cpu_results.sh"), *args], env=env,
@@ -46,6 +47,16 @@ def test_a_lane_runs_its_orderings_in_order_and_stops_at_a_failed_sweep(tmp_path
                for c in starts)
     failing, failed_calls, _ = _lanes(tmp_path / "failing", exit_code=1)
     assert failing("1").returncode == 1 and len(failed_calls.read_text().splitlines()) == 1
+
+
+def test_a_kept_sweep_is_not_run_again_so_a_fresh_clone_goes_on_with_the_next(tmp_path):
+    run, calls, out = _lanes(tmp_path)
+    for kept in ("original", "relu_before_add"):  # what `results.py --collect` copied from completed runs
+        (tmp_path / "kept" / "resnet20_ablation" / kept).mkdir(parents=True)
+    proc = run("1")
+    assert proc.returncode == 0 and "resnet20_ablation/original: kept in" in proc.stdout
+    (start,) = calls.read_text().splitlines()
+    assert "resnet20_ablation=bn_after_add" in start.split() and f"hydra.sweep.dir={out}/resnet20_ablation/bn_after_add" in start
 
 
 def test_an_unknown_lane_is_one_line_and_exit_2(tmp_path):
