@@ -1,7 +1,6 @@
 """scripts/cpu_results.sh, the CPU runs behind docs/results.md: the train.py commands it starts, that a
 second call resumes what the first began, that a sweep kept in the repo is not run again, and that a
-failed sweep stops its lane. A stand-in for
-Python records each call instead of training."""
+failed sweep stops its lane. A stand-in for Python records each call instead of training."""
 
 import os
 import subprocess
